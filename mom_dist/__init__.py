@@ -1,0 +1,9 @@
+"""mom_dist: distributed training of Mixture-of-Modules (MoM) language models.
+
+The model (``mom_dist.model``) is a plain ``nn.Module`` that runs in one process; expert
+parallelism (``mom_dist.parallel``) and DeepSpeed (``mom_dist.parallel.deepspeed_engine``) are
+applied to it from outside. Data preparation lives in ``mom_dist.data``, training in
+``mom_dist.train`` and checkpoint conversion in ``mom_dist.convert``.
+"""
+
+__version__ = "0.1.0"

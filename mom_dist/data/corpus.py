@@ -1,0 +1,371 @@
+"""Corpus inputs for preprocessing: the offline default corpus and streaming readers.
+
+Every input kind is turned into one stream of `Record`s, in a fixed order, without ever
+holding the corpus in memory:
+
+    hub:NAME[:SPLIT]         a hub dataset, streamed with `datasets` (needs a reachable hub)
+    DIR with dataset_info.json / state.json   a dataset saved with `save_to_disk`
+    DIR                      every *.txt, *.jsonl[.gz|.zst], *.parquet, *.tar, *.xz below it,
+                             sorted by path (the OpenWebText release unpacks to such a folder)
+    FILE.txt                 one document
+    FILE.jsonl / .json / .jsonl.gz / .jsonl.zst   one JSON object per line, text in `text_field`
+    FILE.parquet             rows, text in `text_field` (read in record batches with pyarrow)
+    FILE.tar / .tar.xz / .tar.gz / .xz   an archive in the OpenWebText layout: members are
+                             .txt documents, .xz-compressed .txt documents, or .xz-compressed
+                             tars of .txt documents (OpenWebText's `urlsf_subset*_data.xz`)
+
+A `Record` carries either the text or the reason it was skipped (malformed JSON, invalid
+UTF-8, missing field, empty document), so bad records are counted and reported, not fatal.
+Problems with the inputs themselves (missing path, unreadable archive) raise `InputError`
+before any output is written (`check_inputs`).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import lzma
+import os
+import random
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+# Reasons a record is skipped; the summary counts them under these names.
+SKIP_EMPTY = "empty_document"
+SKIP_UTF8 = "invalid_utf8"
+SKIP_JSON = "malformed_json"
+SKIP_FIELD = "missing_text_field"
+
+_TEXT_SUFFIXES = (".txt",)
+_JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+_PARQUET_SUFFIXES = (".parquet",)
+_ARCHIVE_SUFFIXES = (".tar", ".tar.xz", ".tar.gz", ".tgz", ".tar.bz2", ".xz")
+_ALL_SUFFIXES = _TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES + _ARCHIVE_SUFFIXES
+
+
+class InputError(ValueError):
+    """An input cannot be read at all (missing, unreadable, unknown kind). Raised up front."""
+
+
+@dataclass
+class Record:
+    """One input document: `text`, or `skip` (a reason above) with `where` for the report."""
+
+    text: Optional[str]
+    skip: Optional[str] = None
+    where: str = ""
+
+
+# --------------------------------------------------------------------------- default corpus
+
+
+def _doc_paragraphs() -> list[str]:
+    """Paragraphs of the CPython documentation topics shipped with the interpreter."""
+    from pydoc_data.topics import topics  # stdlib: ~465 KB of English prose and code
+
+    paragraphs = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            if para.strip():
+                paragraphs.append(para.strip("\n"))
+    return paragraphs
+
+
+def write_default_corpus(out_dir: str, target_mb: float = 2.0) -> str:
+    """Write an offline English corpus as JSON lines and return its path.
+
+    Documents are built from the CPython documentation topics (`pydoc_data.topics`): each
+    document joins 3-12 paragraphs drawn by a fixed-seed RNG, so the file is identical on
+    every machine and run, and any size can be reached without downloads. The first pass
+    uses every topic once, in order, as its own document. Output: `{out_dir}/default_corpus.jsonl`
+    with one `{"text": ...}` per line.
+    """
+    from pydoc_data.topics import topics
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "default_corpus.jsonl")
+    target = int(target_mb * 1024 * 1024)
+    rng = random.Random(1234)
+    paragraphs = _doc_paragraphs()
+    written = 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for key in sorted(topics):  # every topic once, as its own document
+            line = json.dumps({"text": topics[key]}, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            if written >= target:
+                break
+        while written < target:
+            doc = "\n\n".join(rng.choice(paragraphs) for _ in range(rng.randint(3, 12)))
+            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- input discovery
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, "dataset_info.json"))
+        or os.path.exists(os.path.join(path, "state.json"))
+        or os.path.exists(os.path.join(path, "dataset_dict.json"))
+    )
+
+
+def _expand(path: str) -> list[str]:
+    """The files one input path stands for, sorted; a saved dataset or hub name is itself."""
+    if path.startswith("hub:") or _is_saved_dataset(path):
+        return [path]
+    if os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for name in sorted(names):
+                if name.endswith(_ALL_SUFFIXES):
+                    files.append(os.path.join(root, name))
+        return files
+    return [path]
+
+
+def check_inputs(inputs: list[str]) -> list[str]:
+    """Resolve the inputs to a sorted file list; raise InputError for anything unreadable.
+
+    Checks existence, that each file has a known kind, and that archives open, so a bad
+    input stops the run before a single output byte is written.
+    """
+    if not inputs:
+        raise InputError("no inputs given: pass at least one file, directory or hub:NAME")
+    files: list[str] = []
+    for path in inputs:
+        if path.startswith("hub:"):
+            files.append(path)
+            continue
+        if not os.path.exists(path):
+            raise InputError(f"input not found: {path!r}; check the path (inputs are read, never created)")
+        expanded = _expand(path)
+        if not expanded:
+            raise InputError(
+                f"input directory {path!r} holds no readable files "
+                f"(expected any of: {', '.join(_ALL_SUFFIXES)}, or a datasets save_to_disk folder)"
+            )
+        for f in expanded:
+            if f != path or not os.path.isdir(f):
+                _check_file(f)
+        files.extend(expanded)
+    return files
+
+
+def _check_file(path: str) -> None:
+    if _is_saved_dataset(path):
+        return
+    if not os.access(path, os.R_OK):
+        raise InputError(f"input {path!r} is not readable; fix its permissions")
+    if not path.endswith(_ALL_SUFFIXES):
+        raise InputError(
+            f"input {path!r} has an unknown kind; use one of {', '.join(_ALL_SUFFIXES)}, "
+            "a directory of them, a datasets save_to_disk folder, or hub:NAME"
+        )
+    if path.endswith(_ARCHIVE_SUFFIXES):
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                tar.next()
+        except (tarfile.TarError, lzma.LZMAError, EOFError, OSError, zlib.error) as err:
+            if path.endswith(".xz") and not path.endswith(".tar.xz"):
+                try:  # a lone .xz document (not a tar) is fine too
+                    with lzma.open(path) as f:
+                        f.read(1)
+                    return
+                except (lzma.LZMAError, EOFError, OSError):
+                    pass
+            raise InputError(
+                f"cannot read archive {path!r} ({err}); it is corrupt or not a tar/xz file. "
+                "Re-download it or remove it from the inputs"
+            ) from err
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _decode(data: bytes, where: str) -> Record:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Record(None, SKIP_UTF8, where)
+    return _text_record(text, where)
+
+
+def _text_record(text, where: str) -> Record:
+    if not isinstance(text, str):
+        return Record(None, SKIP_FIELD, where)
+    if not text.strip():
+        return Record(None, SKIP_EMPTY, where)
+    return Record(text, None, where)
+
+
+def _open_compressed(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
+    with _open_compressed(path) as raw:
+        stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
+        for lineno, line in enumerate(stream, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue  # blank lines between records are not documents
+            try:
+                line_text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Record(None, SKIP_UTF8, where)
+                continue
+            try:
+                obj = json.loads(line_text)
+            except json.JSONDecodeError:
+                yield Record(None, SKIP_JSON, where)
+                continue
+            if not isinstance(obj, dict) or text_field not in obj:
+                yield Record(None, SKIP_FIELD, where)
+                continue
+            yield _text_record(obj[text_field], where)
+
+
+def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise InputError(
+            f"parquet file {path!r} has no column {text_field!r} (columns: "
+            f"{pf.schema_arrow.names}); pass --text-field"
+        )
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            yield _text_record(text, f"{path}:row{row}")
+            row += 1
+
+
+def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
+    """Documents of a tar in the OpenWebText layout (see module docstring), in member order."""
+    if isinstance(fileobj_or_path, str):
+        tar = tarfile.open(fileobj_or_path, "r:*")
+    else:
+        tar = tarfile.open(fileobj=fileobj_or_path, mode="r|*")
+    with tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = f"{where}/{member.name}"
+            f = tar.extractfile(member)
+            if f is None:
+                continue
+            if member.name.endswith(".txt"):
+                yield _decode(f.read(), name)
+            elif member.name.endswith(".xz"):
+                try:
+                    data = lzma.decompress(f.read())
+                except lzma.LZMAError:
+                    raise InputError(f"corrupt .xz member {name!r}; re-download the archive")
+                if member.name.endswith(".txt.xz") or not _looks_like_tar(data):
+                    yield _decode(data, name)
+                else:
+                    yield from _read_tar(io.BytesIO(data), name)
+
+
+def _looks_like_tar(data: bytes) -> bool:
+    return len(data) >= 512 and data[257:262] == b"ustar"
+
+
+def _read_xz(path: str) -> Iterator[Record]:
+    with lzma.open(path) as f:
+        head = f.read(512)
+    if _looks_like_tar(head):
+        yield from _read_tar(path, path)
+    else:
+        with lzma.open(path) as f:
+            yield _decode(f.read(), path)
+
+
+def _read_saved(path: str, text_field: str) -> Iterator[Record]:
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        splits = [ds[k] for k in sorted(ds)]
+    else:
+        splits = [ds]
+    for part in splits:
+        if text_field not in part.column_names:
+            raise InputError(
+                f"dataset {path!r} has no column {text_field!r} (columns: {part.column_names}); "
+                "pass --text-field"
+            )
+        # iter() over an Arrow-backed dataset reads memory-mapped batches: bounded memory.
+        for i, row in enumerate(part.select_columns([text_field]).iter(batch_size=1024)):
+            for j, text in enumerate(row[text_field]):
+                yield _text_record(text, f"{path}:row{i * 1024 + j}")
+
+
+def _read_hub(spec: str, text_field: str) -> Iterator[Record]:
+    import datasets
+
+    name, _, split = spec[len("hub:"):].partition(":")
+    ds = datasets.load_dataset(name, split=split or "train", streaming=True)
+    for i, row in enumerate(ds):
+        yield _text_record(row.get(text_field), f"{spec}:row{i}")
+
+
+def reader_for(path: str, text_field: str) -> Callable[[], Iterator[Record]]:
+    """A zero-argument function that streams the records of one resolved input."""
+    if path.startswith("hub:"):
+        return lambda: _read_hub(path, text_field)
+    if _is_saved_dataset(path):
+        return lambda: _read_saved(path, text_field)
+    if path.endswith(_TEXT_SUFFIXES):
+        def read_txt():
+            with open(path, "rb") as f:
+                yield _decode(f.read(), path)
+        return read_txt
+    if path.endswith(_JSONL_SUFFIXES):
+        return lambda: _read_jsonl(path, text_field)
+    if path.endswith(_PARQUET_SUFFIXES):
+        return lambda: _read_parquet(path, text_field)
+    if path.endswith(".xz") and not path.endswith(".tar.xz"):
+        return lambda: _read_xz(path)
+    if path.endswith(_ARCHIVE_SUFFIXES):
+        return lambda: _read_tar(path, path)
+    raise InputError(f"unknown input kind: {path!r}")
+
+
+def iter_records(files: list[str], text_field: str = "text") -> Iterator[tuple[int, Record]]:
+    """Stream (file index, record) over resolved inputs, in order. Bounded memory."""
+    for i, path in enumerate(files):
+        for record in reader_for(path, text_field)():
+            yield i, record
+
+
+def input_bytes(files: list[str]) -> int:
+    """Total on-disk size of the resolved inputs (the progress bar's denominator)."""
+    total = 0
+    for f in files:
+        if os.path.isfile(f):
+            total += os.path.getsize(f)
+    return total
+
+
+__all__ = [
+    "InputError", "Record", "write_default_corpus", "check_inputs", "iter_records",
+    "reader_for", "input_bytes", "SKIP_EMPTY", "SKIP_UTF8", "SKIP_JSON", "SKIP_FIELD",
+]

@@ -1,0 +1,148 @@
+"""Adapters between GPT-2 weights and MoM weights (spec §8, phase-2 initialisation).
+
+The common currency is a *layer list*: ``embed`` (``wte.weight``, ``wpe.weight``,
+``ln_f.weight``, ``ln_f.bias``) and one dict per GPT-2 layer, keyed like ``layers.Block``
+(``attn.ln.weight``, ``attn.qkv.weight``, ..., ``ffn.proj.bias``). Adapters read a layer list
+from a Hugging Face GPT-2 (directory, module or state dict) or from our own vanilla MoM, and
+write one into a MoM of any layout:
+
+    bottom layers map 1:1; for each chunk the next max(N_A, N_F) layers become modules 0..,
+    the next becomes the anchor (if any); top layers map 1:1; embeddings and the final
+    LayerNorm are copied (the authors' release forgets ln_f).
+
+Routers are not part of GPT-2 and keep their fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mom_dist.model.config import ModelConfig
+
+# Hugging Face GPT-2 sub-keys -> our Block sub-keys (both store Linear weights as (in, out)).
+HF_TO_BLOCK = {
+    "ln_1": "attn.ln", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+    "ln_2": "ffn.ln", "mlp.c_fc": "ffn.fc", "mlp.c_proj": "ffn.proj",
+}
+ATTN_KEYS = ("attn.ln", "attn.qkv", "attn.proj")
+FFN_KEYS = ("ffn.ln", "ffn.fc", "ffn.proj")
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def read_hf_state_dict(source) -> dict:
+    """A GPT-2 state dict from a GPT2LMHeadModel/GPT2Model, a dict, or a local HF directory."""
+    if isinstance(source, torch.nn.Module):
+        return source.state_dict()
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        st = os.path.join(source, "model.safetensors")
+        if os.path.exists(st):
+            from safetensors.torch import load_file
+            return load_file(st)
+        binf = os.path.join(source, "pytorch_model.bin")
+        if os.path.exists(binf):
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        raise ValueError(f"'{source}' holds neither model.safetensors nor pytorch_model.bin: "
+                         "pass a directory written by GPT2LMHeadModel.save_pretrained")
+    raise ValueError(f"cannot read GPT-2 weights from {source!r}: pass a transformers GPT-2 module, "
+                     "its state dict, or a local save_pretrained directory")
+
+
+def layers_from_hf(sd: dict) -> tuple[dict, list[dict]]:
+    sd = _strip(sd, "transformer.")
+    embed = {k: sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+    layers = []
+    for i in range(n):
+        layer = {}
+        for hf, ours in HF_TO_BLOCK.items():
+            for p in ("weight", "bias"):
+                layer[f"{ours}.{p}"] = sd[f"h.{i}.{hf}.{p}"]
+        layers.append(layer)
+    return embed, layers
+
+
+def hf_from_layers(embed: dict, layers: list[dict]) -> dict:
+    """The inverse of ``layers_from_hf`` (GPT2LMHeadModel keys, lm_head tied to wte)."""
+    sd = {f"transformer.{k}": v for k, v in embed.items()}
+    for i, layer in enumerate(layers):
+        for hf, ours in HF_TO_BLOCK.items():
+            for p in ("weight", "bias"):
+                sd[f"transformer.h.{i}.{hf}.{p}"] = layer[f"{ours}.{p}"]
+    sd["lm_head.weight"] = embed["wte.weight"]
+    return sd
+
+
+def _sub(sd: dict, prefix: str, keys) -> dict:
+    return {f"{k}.{p}": sd[f"{prefix}{k.split('.', 1)[1]}.{p}"] for k in keys for p in ("weight", "bias")}
+
+
+def layers_from_mom(sd: dict, cfg: ModelConfig) -> tuple[dict, list[dict]]:
+    """The layer list of a MoM whose chunks run the diagonal vanilla schedule (N_A = N_F = H)."""
+    if not (cfg.n_attn_modules == cfg.n_ffn_modules == cfg.n_steps):
+        raise ValueError("only a vanilla-schedule MoM (n_attn_modules == n_ffn_modules == n_steps) reads as "
+                         "a GPT-2 layer list; this checkpoint's chunks are not a fixed layer order")
+    embed = {k: sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    layers = [{k[len(f"bottom.{i}."):]: v for k, v in sd.items() if k.startswith(f"bottom.{i}.")}
+              for i in range(cfg.n_bottom)]
+    for c in range(cfg.n_chunks):
+        for h in range(cfg.n_steps):
+            layer = _sub(sd, f"chunks.{c}.attn_pool.experts.{h}.", ATTN_KEYS)
+            layer.update(_sub(sd, f"chunks.{c}.ffn_pool.experts.{h}.", FFN_KEYS))
+            layers.append(layer)
+        if cfg.anchor:
+            layers.append({k[len(f"anchors.{c}."):]: v for k, v in sd.items() if k.startswith(f"anchors.{c}.")})
+    layers += [{k[len(f"top.{i}."):]: v for k, v in sd.items() if k.startswith(f"top.{i}.")}
+               for i in range(cfg.n_top)]
+    return embed, layers
+
+
+def mom_from_layers(embed: dict, layers: list[dict], cfg: ModelConfig) -> dict:
+    """MoM state-dict entries (all but the routers) built from a GPT-2 layer list."""
+    if len(layers) != cfg.source_layers:
+        raise ValueError(
+            f"the source GPT-2 has {len(layers)} layers but this MoM layout decomposes "
+            f"n_bottom + n_chunks*(max(N_A,N_F) + anchor) + n_top = {cfg.source_layers}; "
+            "change model.n_bottom/n_top/n_chunks/n_*_modules/anchor to match the source depth")
+    sd = dict(embed)
+    it = iter(layers)
+    for i in range(cfg.n_bottom):
+        sd.update({f"bottom.{i}.{k}": v for k, v in next(it).items()})
+    for c in range(cfg.n_chunks):
+        group = [next(it) for _ in range(max(cfg.n_attn_modules, cfg.n_ffn_modules))]
+        for j, layer in enumerate(group):
+            for k, v in layer.items():
+                kind, rest = k.split(".", 1)
+                if kind == "attn" and j < cfg.n_attn_modules:
+                    sd[f"chunks.{c}.attn_pool.experts.{j}.{rest}"] = v
+                elif kind == "ffn" and j < cfg.n_ffn_modules:
+                    sd[f"chunks.{c}.ffn_pool.experts.{j}.{rest}"] = v
+        if cfg.anchor:
+            sd.update({f"anchors.{c}.{k}": v for k, v in next(it).items()})
+    for i in range(cfg.n_top):
+        sd.update({f"top.{i}.{k}": v for k, v in next(it).items()})
+    return sd
+
+
+def init_mom_from_gpt2(model, source, source_cfg: ModelConfig | None = None) -> None:
+    """Phase-2 initialisation of ``model`` from a vanilla GPT-2: a transformers model, state dict
+    or directory (``source_cfg`` None), or our own vanilla MoM state dict (pass its config)."""
+    if source_cfg is not None:
+        embed, layers = layers_from_mom(source if isinstance(source, dict) else source.state_dict(), source_cfg)
+    else:
+        embed, layers = layers_from_hf(read_hf_state_dict(source))
+    sd = mom_from_layers(embed, layers, model.cfg)
+    own = model.state_dict()
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"shape mismatch for {k}: source {tuple(v.shape)} vs MoM {tuple(own[k].shape)}; "
+                             "model.d_model, vocab_size and max_seq_len must equal the source's")
+    missing = [k for k in own if k not in sd and ".attn_router." not in k and ".ffn_router." not in k]
+    assert not missing, f"phase-2 init left non-router weights uninitialised: {missing[:5]}"
+    model.load_state_dict(sd, strict=False)

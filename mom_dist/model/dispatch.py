@@ -1,0 +1,143 @@
+"""Token dispatch for one routing step: plan -> dispatch -> (local module compute) -> combine.
+
+A dispatcher moves the (token, module) pairs a router picked to where the modules live and
+brings the results back. ``LocalDispatcher`` keeps everything in this process: it is the
+reference that ``mom_dist.parallel.all_to_all.AllToAllDispatcher`` is tested against.
+
+Both group the rows they hand to a pool by module with one stable sort (no per-module
+``nonzero``, ``.item()`` or ``.tolist()``), so a pool runs each module on a contiguous slice,
+through ``torch._grouped_mm`` where it is available (no host sync at all) or a loop over
+slices (one host sync per plan, to read the slice sizes). SKIP picks never reach a module.
+
+Two modes:
+- dropless (default): every pair is computed.
+- capacity: each module takes at most ``capacity`` rows from each source (fixed buffer
+  shapes, no host sync); an overflowing pair gets a zero update and is counted as dropped.
+  Priority is the token order within the source micro-batch, so drops do not depend on the
+  parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Groups:
+    """Rows handed to a pool, grouped by local module (module i owns rows [ends[i-1], ends[i]))."""
+
+    ends_N: torch.Tensor  # (N_local,) int32 cumulative end offsets
+    module_M: torch.Tensor  # (M,) long local module id of each row (0 for padding rows)
+    valid_M: torch.Tensor | None  # (M,) bool; None when every row is a real pair
+    counts_host: list[int] | None = None  # slice sizes, read once when a loop fallback needs them
+
+    def sizes(self) -> list[int]:
+        """Rows per module on the host (one device->host sync, cached for the plan's reuse)."""
+        if self.counts_host is None:
+            ends = self.ends_N.tolist()
+            self.counts_host = [e - s for s, e in zip([0] + ends[:-1], ends)]
+        return self.counts_host
+
+
+@dataclass
+class LocalPlan:
+    """Where each (token, slot) pair of one routing step goes, within one process."""
+
+    n_tokens: int
+    token_M: torch.Tensor  # (M,) source token of each grouped row
+    pair_M: torch.Tensor  # (M,) index into the flattened (T*K) picks, to gather weights
+    groups: Groups
+    dropped: torch.Tensor  # () number of non-SKIP pairs that got no module (capacity overflow)
+
+
+def capacity_for(n_tokens: int, top_k: int, n_modules: int, capacity_factor: float) -> int:
+    """Rows each module accepts from one source: ceil(cf * T * K / N)."""
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_modules))
+
+
+def slot_in_module(module_P: torch.Tensor, n_modules: int) -> torch.Tensor:
+    """For pairs in token order, the 0-based arrival position of each pair at its module."""
+    one_hot = torch.nn.functional.one_hot(module_P.clamp(max=n_modules), n_modules + 1)
+    return ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
+
+
+class LocalDispatcher:
+    """Dispatch within one process (no communication)."""
+
+    def __init__(self, capacity_factor: float | None = None):
+        self.capacity_factor = capacity_factor  # None: dropless
+
+    def plan(self, ids_TK: torch.Tensor, n_modules: int) -> LocalPlan:
+        """Group the picks ``ids_TK`` (values >= n_modules are SKIP) by module."""
+        T, K = ids_TK.shape
+        flat_P = ids_TK.reshape(-1)
+        skip_P = flat_P >= n_modules
+        if self.capacity_factor is None:
+            key_P = torch.where(skip_P, n_modules, flat_P)
+            order_M = torch.argsort(key_P, stable=True)
+            counts = torch.bincount(key_P, minlength=n_modules + 1)[:n_modules]
+            module_M = key_P[order_M]
+            valid = module_M < n_modules
+            groups = Groups(counts.cumsum(0).to(torch.int32), module_M.clamp(max=n_modules - 1), valid)
+            return LocalPlan(T, order_M // K, order_M, groups, torch.zeros((), dtype=torch.long))
+        cap = capacity_for(T, K, n_modules, self.capacity_factor)
+        slot_P = slot_in_module(flat_P, n_modules)
+        keep_P = ~skip_P & (slot_P < cap)
+        # Buffer row of each kept pair; dropped and SKIP pairs write to a spill row that is cut off.
+        row_P = torch.where(keep_P, flat_P.clamp(max=n_modules - 1) * cap + slot_P, n_modules * cap)
+        pair_M = torch.full((n_modules * cap + 1,), T * K, dtype=torch.long)
+        pair_M.scatter_(0, row_P, torch.arange(T * K))
+        pair_M = pair_M[:-1]
+        valid = pair_M < T * K
+        pair_M = torch.where(valid, pair_M, 0)
+        module_M = torch.arange(n_modules).repeat_interleave(cap)
+        ends = (torch.arange(1, n_modules + 1) * cap).to(torch.int32)
+        groups = Groups(ends, module_M, valid, [cap] * n_modules)
+        dropped = (~skip_P & ~keep_P).sum()
+        return LocalPlan(T, pair_M // K, pair_M, groups, dropped)
+
+    def dispatch(self, plan: LocalPlan, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.index_select(0, plan.token_M)
+
+    def combine(self, plan: LocalPlan, y_ME: torch.Tensor, weights_TK: torch.Tensor | None) -> torch.Tensor:
+        """Sum each token's module outputs (times its pick weights, if given) -> (T, E)."""
+        if weights_TK is not None:
+            y_ME = y_ME * weights_TK.reshape(-1).index_select(0, plan.pair_M).unsqueeze(-1).to(y_ME.dtype)
+        if plan.groups.valid_M is not None:
+            y_ME = torch.where(plan.groups.valid_M.unsqueeze(-1), y_ME, 0)
+        out = torch.zeros(plan.n_tokens, y_ME.shape[-1], dtype=y_ME.dtype, device=y_ME.device)
+        return out.index_add_(0, plan.token_M, y_ME)
+
+
+def grouped_linear(x_MI: torch.Tensor, w_NIO: torch.Tensor, b_NO: torch.Tensor, groups: Groups,
+                   use_grouped_mm: bool) -> torch.Tensor:
+    """Row r of the output is x[r] @ w[module[r]] + b[module[r]]; padding rows come out zero."""
+    dtype = torch.get_autocast_dtype(x_MI.device.type) if torch.is_autocast_enabled(x_MI.device.type) else x_MI.dtype
+    x, w = x_MI.to(dtype), w_NIO.to(dtype)
+    if use_grouped_mm and _grouped_mm_ok(x, w):
+        if groups.valid_M is not None:  # rows past the last group are uninitialised: mask both ways
+            x = torch.where(groups.valid_M.unsqueeze(-1), x, 0)
+        y = torch._grouped_mm(x, w, offs=groups.ends_N)
+    else:
+        pieces, start = [], 0
+        for i, n in enumerate(groups.sizes()):
+            pieces.append(x[start:start + n] @ w[i])
+            start += n
+        pieces.append(x.new_zeros(x.shape[0] - start, w.shape[-1]))
+        y = torch.cat(pieces)
+    y = y + b_NO.to(dtype).index_select(0, groups.module_M)
+    if groups.valid_M is not None:
+        y = torch.where(groups.valid_M.unsqueeze(-1), y, 0)
+    return y
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return False
+    align = 16 // x.element_size()  # _grouped_mm needs 16-byte aligned strides
+    return x.shape[-1] % align == 0 and w.shape[-1] % align == 0 and x.is_contiguous()

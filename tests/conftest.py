@@ -1,0 +1,15 @@
+"""Shared test settings: deterministic CPU threads and a per-venv torch extensions dir."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -47,11 +47,26 @@ def from_dict(cls, data: dict | None, where: str = ""):
         sub = _nested_dataclass(types[name])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, where=f"{where}{name}.")
-        kwargs[name] = value
+        kwargs[name] = _coerce(value, types[name], f"{where}{name}")
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
+    if not where and hasattr(obj, "validate"):  # the top level validates its sections
         obj.validate()
     return obj
+
+
+def _coerce(value, tp, name: str):
+    """YAML 1.1 reads ``1e-3`` as a string: accept numbers written that way for numeric fields."""
+    if tp is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} must be a number")
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} must be an integer")
+    return value
 
 
 def to_dict(obj) -> dict:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mom_dist.host_sync import to_host_list
+
 
 @dataclass
 class Groups:
@@ -37,7 +39,7 @@ class Groups:
     def sizes(self) -> list[int]:
         """Rows per module on the host (one device->host sync, cached for the plan's reuse)."""
         if self.counts_host is None:
-            ends = self.ends_N.tolist()
+            ends = to_host_list(self.ends_N)
             self.counts_host = [e - s for s, e in zip([0] + ends[:-1], ends)]
         return self.counts_host
 
@@ -60,7 +62,9 @@ def capacity_for(n_tokens: int, top_k: int, n_modules: int, capacity_factor: flo
 
 def slot_in_module(module_P: torch.Tensor, n_modules: int) -> torch.Tensor:
     """For pairs in token order, the 0-based arrival position of each pair at its module."""
-    one_hot = torch.nn.functional.one_hot(module_P.clamp(max=n_modules), n_modules + 1)
+    # (no F.one_hot: it validates its input on the host)
+    one_hot = (module_P.clamp(max=n_modules).unsqueeze(-1) == torch.arange(n_modules + 1, device=module_P.device))
+    one_hot = one_hot.long()
     return ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
 
 
@@ -78,23 +82,25 @@ class LocalDispatcher:
         if self.capacity_factor is None:
             key_P = torch.where(skip_P, n_modules, flat_P)
             order_M = torch.argsort(key_P, stable=True)
-            counts = torch.bincount(key_P, minlength=n_modules + 1)[:n_modules]
+            counts = torch.zeros(n_modules + 1, dtype=torch.long, device=key_P.device)
+            counts = counts.scatter_add_(0, key_P, torch.ones_like(key_P))[:n_modules]  # bincount syncs
             module_M = key_P[order_M]
             valid = module_M < n_modules
             groups = Groups(counts.cumsum(0).to(torch.int32), module_M.clamp(max=n_modules - 1), valid)
-            return LocalPlan(T, order_M // K, order_M, groups, torch.zeros((), dtype=torch.long))
+            return LocalPlan(T, order_M // K, order_M, groups, torch.zeros((), dtype=torch.long, device=ids_TK.device))
         cap = capacity_for(T, K, n_modules, self.capacity_factor)
         slot_P = slot_in_module(flat_P, n_modules)
         keep_P = ~skip_P & (slot_P < cap)
         # Buffer row of each kept pair; dropped and SKIP pairs write to a spill row that is cut off.
         row_P = torch.where(keep_P, flat_P.clamp(max=n_modules - 1) * cap + slot_P, n_modules * cap)
-        pair_M = torch.full((n_modules * cap + 1,), T * K, dtype=torch.long)
-        pair_M.scatter_(0, row_P, torch.arange(T * K))
+        dev = flat_P.device
+        pair_M = torch.full((n_modules * cap + 1,), T * K, dtype=torch.long, device=dev)
+        pair_M.scatter_(0, row_P, torch.arange(T * K, device=dev))
         pair_M = pair_M[:-1]
         valid = pair_M < T * K
         pair_M = torch.where(valid, pair_M, 0)
-        module_M = torch.arange(n_modules).repeat_interleave(cap)
-        ends = (torch.arange(1, n_modules + 1) * cap).to(torch.int32)
+        module_M = torch.arange(n_modules, device=dev).repeat_interleave(cap)
+        ends = (torch.arange(1, n_modules + 1, device=dev) * cap).to(torch.int32)
         groups = Groups(ends, module_M, valid, [cap] * n_modules)
         dropped = (~skip_P & ~keep_P).sum()
         return LocalPlan(T, pair_M // K, pair_M, groups, dropped)

@@ -60,7 +60,7 @@ def causal_attention(q_BSD: torch.Tensor, k_BLD: torch.Tensor, v_BLD: torch.Tens
         allow = _causal(S, L, q.device)[None].expand(B, S, L)
         if key_keep_BL is not None:
             own = torch.zeros(S, L, dtype=torch.bool, device=q.device)
-            own[torch.arange(S), torch.arange(L - S, L)] = True
+            own[torch.arange(S, device=q.device), torch.arange(L - S, L, device=q.device)] = True
             allow = allow & (key_keep_BL[:, None, :] | own[None])
         if attn_mask_BSL is not None:
             allow = allow & ~attn_mask_BSL

@@ -30,7 +30,7 @@ def balance_loss(probs_HTC: list[torch.Tensor], top1_HT: list[torch.Tensor], *, 
 
     def one(probs_TC, top1_T):
         p = probs_TC.softmax(-1) if double_softmax else probs_TC
-        f = F.one_hot(top1_T, C).to(p.dtype).mean(0)
+        f = (top1_T.unsqueeze(-1) == torch.arange(C, device=top1_T.device)).to(p.dtype).mean(0)
         return C * (f * p.mean(0)).sum()
 
     if depthwise:

@@ -109,13 +109,17 @@ class LocalDispatcher:
         return x_TD.index_select(0, plan.token_M)
 
     def combine(self, plan: LocalPlan, y_ME: torch.Tensor, weights_TK: torch.Tensor | None) -> torch.Tensor:
-        """Sum each token's module outputs (times its pick weights, if given) -> (T, E)."""
-        if weights_TK is not None:
-            y_ME = y_ME * weights_TK.reshape(-1).index_select(0, plan.pair_M).unsqueeze(-1).to(y_ME.dtype)
-        if plan.groups.valid_M is not None:
-            y_ME = torch.where(plan.groups.valid_M.unsqueeze(-1), y_ME, 0)
-        out = torch.zeros(plan.n_tokens, y_ME.shape[-1], dtype=y_ME.dtype, device=y_ME.device)
-        return out.index_add_(0, plan.token_M, y_ME)
+        return combine_local(plan, y_ME, weights_TK)
+
+
+def combine_local(plan: LocalPlan, y_ME: torch.Tensor, weights_TK: torch.Tensor | None) -> torch.Tensor:
+    """Sum each token's module outputs (times its pick weights, if given) -> (T, E)."""
+    if weights_TK is not None:
+        y_ME = y_ME * weights_TK.reshape(-1).index_select(0, plan.pair_M).unsqueeze(-1).to(y_ME.dtype)
+    if plan.groups.valid_M is not None:
+        y_ME = torch.where(plan.groups.valid_M.unsqueeze(-1), y_ME, 0)
+    out = torch.zeros(plan.n_tokens, y_ME.shape[-1], dtype=y_ME.dtype, device=y_ME.device)
+    return out.index_add_(0, plan.token_M, y_ME)
 
 
 def grouped_linear(x_MI: torch.Tensor, w_NIO: torch.Tensor, b_NO: torch.Tensor, groups: Groups,

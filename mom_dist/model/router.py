@@ -41,7 +41,7 @@ class Router(nn.Module):
     def initial_state(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.kind != "gru":
             return None
-        return x_TD.new_zeros(x_TD.shape[0], self.cfg.dim, dtype=torch.float32)
+        return x_TD.new_zeros(x_TD.shape[0], self.cfg.dim, dtype=self.head.weight.dtype)
 
     def allowed(self, step: int, device) -> torch.Tensor:
         """(C,) bool: classes this router may pick at ``step``."""
@@ -51,15 +51,16 @@ class Router(nn.Module):
         return module_ok | (skip & self.cfg.allow_skip)
 
     def forward(self, x_TD: torch.Tensor, state_TR: torch.Tensor | None, step: int) -> RouterOutput:
-        if self.cfg.kind == "gru":
-            # Router math in fp32: the picks must not flip with the activation precision.
-            with torch.autocast(x_TD.device.type, enabled=False):
-                state_TR = self.cell(x_TD.float(), state_TR)
+        # Router math in the router's own parameter precision, not autocast's: picks are discrete
+        # and should not flip with the activation precision. Softmax in fp32.
+        dtype = self.head.weight.dtype
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if self.cfg.kind == "gru":
+                state_TR = self.cell(x_TD.to(dtype), state_TR)
                 scores = self.head(state_TR)
-        else:
-            with torch.autocast(x_TD.device.type, enabled=False):
-                scores = self.head(F.relu(self.hidden(x_TD.float())))
-        logits = scores / self.cfg.temperature
+            else:
+                scores = self.head(F.relu(self.hidden(x_TD.to(dtype))))
+        logits = scores.float() / self.cfg.temperature
         logits = logits.masked_fill(~self.allowed(step, x_TD.device), float("-inf"))
         probs = logits.softmax(-1)
         top_p, ids = probs.topk(self.cfg.top_k, dim=-1)

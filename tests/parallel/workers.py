@@ -1,0 +1,96 @@
+"""Worker functions run by ``tests/dist_utils.run_workers`` in real processes (one per rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from mom_dist.parallel.runtime import init_distributed, shutdown
+
+
+def dispatch_parity(args: dict) -> dict:
+    """All-to-all dispatcher == local dispatcher on the same routing: outputs and gradients."""
+    from mom_dist.model import ModelConfig, MoMModel, RouterConfig
+    from mom_dist.parallel.dims import build_parallel_dims
+    from mom_dist.parallel.expert_parallel import apply_expert_parallel
+    from mom_dist.model.dispatch import LocalDispatcher
+    from mom_dist.model.router import RouterOutput
+
+    dims = build_parallel_dims(args["ep"])
+    n_a, n_f, k, cf = args["n_a"], args["n_f"], args["k"], args.get("capacity_factor")
+    cfg = ModelConfig(vocab_size=50, max_seq_len=16, d_model=16, n_heads=2, n_bottom=0, n_top=0,
+                      n_attn_modules=n_a, n_ffn_modules=n_f, n_steps=1, qkv_weighted=args.get("qkv_weighted", False),
+                      attn_router=RouterConfig(top_k=k, dim=8), ffn_router=RouterConfig(top_k=k, dim=8))
+    torch.manual_seed(0)
+    ref_model = MoMModel(cfg)
+    ep_model = MoMModel(cfg)
+    ep_model.load_state_dict(ref_model.state_dict())
+    ref_model.chunks[0].dispatcher = LocalDispatcher(cf)
+    apply_expert_parallel(ep_model, dims, cf)
+    B, S = 2, 5
+    T, C = B * S, cfg.n_classes
+    g = torch.Generator().manual_seed(100 + dims.rank)  # each rank routes its own tokens
+    x = torch.randn(T, 16, generator=g)
+
+    def ids(n_pool):
+        out = torch.stack([torch.randperm(C, generator=g)[:k] for _ in range(T)])
+        if args.get("uneven"):  # nothing goes to the last rank's modules from this rank
+            out = torch.where(out >= n_pool - n_pool // dims.ep_size, C - 1, out)
+        return out
+
+    ra = RouterOutput(None, None, ids(n_a), torch.rand(T, k, generator=g), None)
+    rf = RouterOutput(None, None, ids(n_f), torch.rand(T, k, generator=g), None)
+    results = {}
+    for name, model in (("ref", ref_model), ("ep", ep_model)):
+        chunk = model.chunks[0]
+        chunk.attn_router.forward = lambda *a, r=ra: r
+        chunk.ffn_router.forward = lambda *a, r=rf: r
+        xx = x.clone().requires_grad_(True)
+        wa, wf = ra.weights_TK.clone().requires_grad_(True), rf.weights_TK.clone().requires_grad_(True)
+        ra.weights_TK, rf.weights_TK = wa, wf
+        out, _, _, rec_a, rec_f = chunk.routing_step(xx, None, None, 0, (B, S), None, None)
+        (out * torch.linspace(-1, 1, 16)).square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in chunk.named_parameters() if "pool" in n and p.grad is not None}
+        results[name] = dict(out=out.detach(), gx=xx.grad, gwa=wa.grad, gwf=wf.grad, grads=grads,
+                             dropped=int(rec_a.dropped) + int(rec_f.dropped))
+        ra.weights_TK, rf.weights_TK = wa.detach(), wf.detach()
+    # Module gradients: the reference sums every rank's contribution over the EP group.
+    worst = 0.0
+    diffs = {}
+    for key in ("out", "gx", "gwa", "gwf"):
+        diffs[key] = (results["ref"][key] - results["ep"][key]).abs().max().item()
+        worst = max(worst, diffs[key])
+    ep_chunk = ep_model.chunks[0]
+    ref_grads = {}
+    for n, p in ref_model.chunks[0].named_parameters():  # same order on every rank
+        if "pool" in n:
+            ref_grads[n] = results["ref"]["grads"].get(n, torch.zeros_like(p))
+            dist.all_reduce(ref_grads[n], group=dims.ep_group)
+    for n, p in ep_chunk.named_parameters():
+        if "pool" not in n:
+            continue
+        pool_name, _, idx, rest = n.split(".", 3)
+        ref = ref_grads[f"{pool_name}.experts.{getattr(ep_chunk, pool_name).first + int(idx)}.{rest}"]
+        got = results["ep"]["grads"].get(n, torch.zeros_like(p))
+        diffs[n] = (ref - got).abs().max().item()
+        worst = max(worst, diffs[n])
+    return dict(max_abs_diff=worst, diffs=diffs, dropped_ref=results["ref"]["dropped"], dropped_ep=results["ep"]["dropped"],
+                bytes_sent=ep_chunk.dispatcher.bytes_sent if dims.ep_size > 1 else 0)
+
+
+def main():
+    fn, args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    if args.get("init", True):
+        init_distributed("gloo")
+    result = globals()[fn](args)
+    with open(out, "w") as f:
+        json.dump(result, f)
+    shutdown(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`mom-preprocess`: tokenize a corpus into megatron-core .bin/.idx files, or verify them.
+
+    mom-preprocess INPUT... --output-prefix data/owt [--vocab-size 32000] [--workers 8]
+    mom-preprocess --verify data/owt_train_text_document [--tokenizer-model M.model]
+
+All logic lives in `mom_dist.data.preprocess` and `mom_dist.data.indexed`; this only parses
+arguments and turns known errors into one-line messages with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mom-preprocess",
+        description="Tokenize text corpora (OpenWebText layout, .txt dirs, JSON lines, parquet, "
+        "saved datasets, hub:NAME) into megatron-core indexed datasets; resumable.",
+    )
+    p.add_argument("inputs", nargs="*", help="files, directories or hub:NAME[:SPLIT]")
+    p.add_argument("--output-prefix", "-o", help="writes PREFIX_{train,valid}_text_document.{bin,idx}, PREFIX_summary.json")
+    p.add_argument("--tokenizer-model", help="existing SentencePiece .model (default: train one)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.add_argument("--tokenizer-train-mb", type=float, default=1024.0,
+                   help="text read to train the tokenizer (MB)")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                   help="lines SentencePiece samples from that text")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--valid-ratio", type=float, default=0.0005)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--text-field", default="text", help="JSON/parquet/dataset column holding the text")
+    p.add_argument("--shard-mb", type=float, default=16.0, help="text per shard (the resume unit)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs for the prefix")
+    p.add_argument("--keep-work", action="store_true", help="keep PREFIX_work/ shards after merging")
+    p.add_argument("--total-docs", type=int, default=None, help="expected documents, for the ETA")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verify", metavar="PREFIX", help="check PREFIX.bin/.idx and print samples")
+    p.add_argument("--samples", type=int, default=3, help="decoded samples printed by --verify")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from mom_dist.data.corpus import InputError
+    from mom_dist.data.indexed import DataIntegrityError, verify
+    from mom_dist.data.preprocess import OutputExistsError, preprocess
+
+    try:
+        if args.verify:
+            report = verify(args.verify, args.tokenizer_model, samples=args.samples)
+            print(json.dumps(report, indent=2, ensure_ascii=False))
+            print(f"OK: {report['documents']:,} documents, {report['tokens']:,} tokens", file=sys.stderr)
+            return 0
+        if not args.inputs or not args.output_prefix:
+            print("mom-preprocess: give INPUT... and --output-prefix (or --verify PREFIX)", file=sys.stderr)
+            return 2
+        summary = preprocess(
+            args.inputs, args.output_prefix, tokenizer_model=args.tokenizer_model,
+            vocab_size=args.vocab_size, model_type=args.model_type, workers=args.workers,
+            valid_ratio=args.valid_ratio, seed=args.seed, overwrite=args.overwrite,
+            text_field=args.text_field, shard_mb=args.shard_mb,
+            tokenizer_train_mb=args.tokenizer_train_mb, input_sentence_size=args.input_sentence_size,
+            keep_work=args.keep_work,
+            progress=False if args.no_progress else (args.total_docs or True),
+        )
+    except (InputError, OutputExistsError, DataIntegrityError, ValueError, FileNotFoundError) as err:
+        print(f"mom-preprocess: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("documents", "tokens", "train", "valid", "skipped",
+                                              "wall_time_s")}, indent=2))
+    if summary["skipped_total"]:
+        print(f"skipped {summary['skipped_total']} records: {summary['skipped']} "
+              f"(examples in {args.output_prefix}_summary.json)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

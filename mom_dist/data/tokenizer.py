@@ -114,8 +114,19 @@ def train_tokenizer(
         for text in texts:
             yield from training_lines(text)
 
+    try:
+        _train(spm, lines(), model_prefix, vocab_size, model_type, input_sentence_size, num_threads)
+    except RuntimeError as err:
+        if "required_chars" in str(err) or "Vocabulary size" in str(err):
+            raise ValueError(f"vocab_size={vocab_size} is too small for this corpus's characters "
+                             f"({err}); raise --vocab-size") from err
+        raise
+    return model_prefix + ".model"
+
+
+def _train(spm, lines, model_prefix, vocab_size, model_type, input_sentence_size, num_threads):
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(),
+        sentence_iterator=lines,
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -138,4 +149,3 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    return model_prefix + ".model"

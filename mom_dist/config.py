@@ -38,15 +38,18 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 200
     eval_batches: int = 10
-    save_interval: int = 1000
+    save_interval: int = 1000  # 0: no checkpoints at all (benchmarks, tests)
+    stop_after: int | None = None  # leave (with a checkpoint) after this many steps in this launch
     keep_last: int = 2  # checkpoints kept (older ones deleted after a newer one is complete)
     telemetry_interval: int = 50
     tensorboard: bool = True
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_interval",
-                     "eval_interval", "save_interval", "telemetry_interval"):
+                     "eval_interval", "telemetry_interval"):
             check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
+        check(self.save_interval >= 0, "train.save_interval must be >= 0 (0 disables checkpoints)")
+        check(self.stop_after is None or self.stop_after >= 1, "train.stop_after must be >= 1 or null")
         check(self.eval_batches >= 0 and self.warmup_steps >= 0 and self.keep_last >= 1,
               "train.eval_batches and train.warmup_steps must be >= 0, train.keep_last >= 1")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "train.lr must be > 0 and train.min_lr_ratio in [0, 1]")

@@ -29,12 +29,18 @@ from mom_dist.host_sync import to_host_list
 
 @dataclass
 class Groups:
-    """Rows handed to a pool, grouped by local module (module i owns rows [ends[i-1], ends[i]))."""
+    """Rows handed to a pool, grouped by local module (module i owns rows [ends[i-1], ends[i])).
 
-    ends_N: torch.Tensor  # (N_local,) int32 cumulative end offsets
-    module_M: torch.Tensor  # (M,) long local module id of each row (0 for padding rows)
+    Padding rows (SKIP picks sorted last, empty capacity slots) have ``valid_M`` False; they are
+    computed as part of the last module's slice (with zero LayerNorm affine and bias, so no
+    uninitialised memory is ever read) and masked out by ``combine``.
+    """
+
+    ends_N: torch.Tensor  # (N_local,) int32 cumulative end offsets of the real rows
+    module_M: torch.Tensor  # (M,) long local module id of each row (clamped for padding rows)
     valid_M: torch.Tensor | None  # (M,) bool; None when every row is a real pair
     counts_host: list[int] | None = None  # slice sizes, read once when a loop fallback needs them
+    _onehot: torch.Tensor | None = None
 
     def sizes(self) -> list[int]:
         """Rows per module on the host (one device->host sync, cached for the plan's reuse)."""
@@ -42,6 +48,24 @@ class Groups:
             ends = to_host_list(self.ends_N)
             self.counts_host = [e - s for s, e in zip([0] + ends[:-1], ends)]
         return self.counts_host
+
+    def onehot(self, dtype) -> torch.Tensor:
+        """(M, N_local) row -> module indicator, zero on padding rows. Per-module vectors are
+        gathered as ``onehot @ stacked`` (a GEMM whose backward is a GEMM, unlike index_select's
+        scatter-add backward, which serialises on a handful of rows)."""
+        if self._onehot is None or self._onehot.dtype != dtype:
+            n = self.ends_N.shape[0]
+            hot = self.module_M.unsqueeze(-1) == torch.arange(n, device=self.module_M.device)
+            if self.valid_M is not None:
+                hot = hot & self.valid_M.unsqueeze(-1)
+            self._onehot = hot.to(dtype)
+        return self._onehot
+
+    def mm_ends(self, n_rows: int) -> torch.Tensor:
+        """Group ends for a grouped GEMM over all ``n_rows`` rows (padding joins the last group)."""
+        if self.valid_M is None:
+            return self.ends_N
+        return torch.cat([self.ends_N[:-1], self.ends_N.new_full((1,), n_rows)])
 
 
 @dataclass
@@ -114,34 +138,35 @@ class LocalDispatcher:
 
 def combine_local(plan: LocalPlan, y_ME: torch.Tensor, weights_TK: torch.Tensor | None) -> torch.Tensor:
     """Sum each token's module outputs (times its pick weights, if given) -> (T, E)."""
+    scale = None
     if weights_TK is not None:
-        y_ME = y_ME * weights_TK.reshape(-1).index_select(0, plan.pair_M).unsqueeze(-1).to(y_ME.dtype)
+        scale = weights_TK.reshape(-1).index_select(0, plan.pair_M).to(y_ME.dtype)
     if plan.groups.valid_M is not None:
-        y_ME = torch.where(plan.groups.valid_M.unsqueeze(-1), y_ME, 0)
+        valid = plan.groups.valid_M.to(y_ME.dtype)
+        scale = valid if scale is None else scale * valid
+    if scale is not None:
+        y_ME = y_ME * scale.unsqueeze(-1)
     out = torch.zeros(plan.n_tokens, y_ME.shape[-1], dtype=y_ME.dtype, device=y_ME.device)
     return out.index_add_(0, plan.token_M, y_ME)
 
 
 def grouped_linear(x_MI: torch.Tensor, w_NIO: torch.Tensor, b_NO: torch.Tensor, groups: Groups,
                    use_grouped_mm: bool) -> torch.Tensor:
-    """Row r of the output is x[r] @ w[module[r]] + b[module[r]]; padding rows come out zero."""
+    """Row r of the output is x[r] @ w[module[r]] + b[module[r]] (padding rows: finite, masked later)."""
     dtype = torch.get_autocast_dtype(x_MI.device.type) if torch.is_autocast_enabled(x_MI.device.type) else x_MI.dtype
     x, w = x_MI.to(dtype), w_NIO.to(dtype)
     if use_grouped_mm and _grouped_mm_ok(x, w):
-        if groups.valid_M is not None:  # rows past the last group are uninitialised: mask both ways
-            x = torch.where(groups.valid_M.unsqueeze(-1), x, 0)
-        y = torch._grouped_mm(x, w, offs=groups.ends_N)
+        y = torch._grouped_mm(x, w, offs=groups.mm_ends(x.shape[0]))
     else:
         pieces, start = [], 0
-        for i, n in enumerate(groups.sizes()):
+        sizes = groups.sizes()
+        for i, n in enumerate(sizes):
+            if i == len(sizes) - 1:
+                n = x.shape[0] - start  # padding rows ride with the last module
             pieces.append(x[start:start + n] @ w[i])
             start += n
-        pieces.append(x.new_zeros(x.shape[0] - start, w.shape[-1]))
         y = torch.cat(pieces)
-    y = y + b_NO.to(dtype).index_select(0, groups.module_M)
-    if groups.valid_M is not None:
-        y = torch.where(groups.valid_M.unsqueeze(-1), y, 0)
-    return y
+    return y + groups.onehot(dtype) @ b_NO.to(dtype)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

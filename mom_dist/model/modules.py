@@ -56,9 +56,8 @@ class ModulePool(nn.Module):
 
     def _affine(self, xhat_MD: torch.Tensor, groups: Groups) -> torch.Tensor:
         """Per-module LayerNorm affine on rows that were normalised before dispatch."""
-        g = self._stack("ln.weight").index_select(0, groups.module_M)
-        b = self._stack("ln.bias").index_select(0, groups.module_M)
-        return xhat_MD * g + b
+        hot = groups.onehot(xhat_MD.dtype)
+        return xhat_MD * (hot @ self._stack("ln.weight").to(xhat_MD.dtype)) + hot @ self._stack("ln.bias").to(xhat_MD.dtype)
 
     def _linear(self, x_MI: torch.Tensor, sub: str, groups: Groups) -> torch.Tensor:
         return grouped_linear(x_MI, self._stack(f"{sub}.weight"), self._stack(f"{sub}.bias"), groups,

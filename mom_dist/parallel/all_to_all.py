@@ -166,8 +166,7 @@ class AllToAllDispatcher:
     # ------------------------------------------------------------ dispatch/combine
     def dispatch(self, plan, x_TD: torch.Tensor) -> torch.Tensor:
         if isinstance(plan, CapacityPlan):
-            buf = x_TD.index_select(0, plan.local.token_M)
-            buf = torch.where(plan.local.groups.valid_M.unsqueeze(-1), buf, 0)
+            buf = x_TD.index_select(0, plan.local.token_M)  # empty slots carry token 0's row, masked at combine
             self._count(buf, buf.shape[0] // self.E)
             recv = all_to_all(buf, None, None, self.group)
             D = x_TD.shape[-1]

@@ -82,6 +82,56 @@ def dispatch_parity(args: dict) -> dict:
                 bytes_sent=ep_chunk.dispatcher.bytes_sent if dims.ep_size > 1 else 0)
 
 
+def _global_params(model, dims) -> dict:
+    """This rank's parameters under their single-process names (module ids made global)."""
+    from mom_dist.parallel.deepspeed_engine import plain_state_key
+
+    out = {}
+    for name, p in model.named_parameters():
+        name = plain_state_key(name)
+        if ".experts." in name:
+            head, rest = name.split(".experts.", 1)
+            idx, tail = rest.split(".", 1)
+            pool = model.get_submodule(head)
+            name = f"{head}.experts.{pool.first + int(idx)}.{tail}"
+        out[name] = p.detach().float().clone()
+    return out
+
+
+def train_layouts(args: dict) -> dict:
+    """Train each (ep, zero, overrides) layout in turn in this process group; record per-step
+    losses and dump final parameters (single-process names) for the test to compare."""
+    from mom_dist.config import load_config
+    from mom_dist.parallel.dims import build_parallel_dims
+    from mom_dist.train.trainer import train
+
+    rank = dist.get_rank()
+    results = {}
+    for run in args["runs"]:
+        overrides = args["base"] + run["overrides"] + [f"parallel.ep_size={run['ep']}",
+                                                       f"parallel.zero_stage={run['zero']}"]
+        cfg = load_config(args["config"], overrides)
+        res = train(cfg, log=lambda *a: None)
+        dims = build_parallel_dims(run["ep"])
+        torch.save(_global_params(res.engine.module, dims), os.path.join(args["dump"], f"{run['name']}_rank{rank}.pt"))
+        results[run["name"]] = {"losses": res.losses, "valid": res.valid_loss}
+        del res
+    return results
+
+
+def train_once(args: dict) -> dict:
+    from mom_dist.config import load_config
+    from mom_dist.parallel.dims import build_parallel_dims
+    from mom_dist.train.trainer import train
+
+    cfg = load_config(args["config"], args["overrides"])
+    res = train(cfg, log=lambda *a: None)
+    dims = build_parallel_dims(cfg.parallel.ep_size)
+    if args.get("dump"):
+        torch.save(_global_params(res.engine.module, dims), f"{args['dump']}_rank{dist.get_rank()}.pt")
+    return {"losses": res.losses, "steps_done": res.steps_done, "valid": res.valid_loss}
+
+
 def main():
     fn, args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     if args.get("init", True):

@@ -1,0 +1,85 @@
+"""Read training checkpoints back as one plain model, whatever layout wrote them.
+
+``consolidate(ckpt_dir)`` gathers DeepSpeed's files - non-module weights from
+``mp_rank_00_model_states.pt`` and one ``layer_{L}_expert_{E}_...`` file per module - into the
+state dict of a plain ``MoMModel`` (the expert-parallel key layout mapped back), with the run's
+config. ``init_from_source`` starts a run from a consolidated/DeepSpeed checkpoint of any layout
+(same architecture: weights copied; a vanilla GPT-2 run: phase-2 decomposition) or from a
+Hugging Face GPT-2 directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+from mom_dist.config_utils import from_dict
+from mom_dist.model.config import ModelConfig
+
+EXPERT_KEY = ".deepspeed_moe.experts.deepspeed_experts."
+
+
+def _tag_dir(path: str, tag: str | None) -> str:
+    if os.path.exists(os.path.join(path, "mom_state.json")):
+        return path
+    ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if tag is None:
+        latest = os.path.join(ckpts, "latest")
+        if not os.path.exists(latest):
+            raise ValueError(f"'{path}' holds no 'latest' file and no mom_state.json: pass a run directory, its "
+                             "checkpoints/ directory or one step directory")
+        tag = open(latest).read().strip()
+    tag_dir = os.path.join(ckpts, tag)
+    if not os.path.exists(os.path.join(tag_dir, "mom_state.json")):
+        raise ValueError(f"checkpoint '{tag_dir}' is incomplete (no mom_state.json)")
+    return tag_dir
+
+
+def consolidate(path: str, tag: str | None = None) -> tuple[ModelConfig, dict, dict]:
+    """(model config, plain state dict, mom_state) of a checkpoint written by the trainer."""
+    tag_dir = _tag_dir(path, tag)
+    with open(os.path.join(tag_dir, "mom_state.json")) as f:
+        state = json.load(f)
+    mcfg = from_dict(ModelConfig, state["config"]["model"], "model.")
+    main = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    sd = {k: v for k, v in main["module"].items()}
+    for f in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
+        sd.update(torch.load(f, map_location="cpu", weights_only=False))
+    sd = {k.replace(EXPERT_KEY, ".experts."): v for k, v in sd.items()}
+    missing = _expected_keys(mcfg) - set(sd)
+    if missing:
+        raise ValueError(f"checkpoint '{tag_dir}' lacks {len(missing)} weights (e.g. {sorted(missing)[:3]}); "
+                         "it is truncated or was written by another model layout")
+    return mcfg, sd, state
+
+
+def _expected_keys(mcfg: ModelConfig) -> set:
+    from mom_dist.model import MoMModel
+    with torch.device("meta"):
+        return set(MoMModel(mcfg).state_dict())
+
+
+def init_from_source(model, source: str) -> None:
+    """Initialise ``model`` from a trainer checkpoint or a Hugging Face GPT-2 directory."""
+    from mom_dist.convert.gpt2 import init_mom_from_gpt2
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
+            not os.path.exists(os.path.join(source, "checkpoints")):
+        init_mom_from_gpt2(model, source)
+        return
+    src_cfg, sd, _ = consolidate(source)
+    if _same_architecture(src_cfg, model.cfg):
+        model.load_state_dict({k: v.to(model.wte.weight.dtype) for k, v in sd.items()})
+    else:  # a vanilla GPT-2 trained by us: phase-2 decomposition
+        init_mom_from_gpt2(model, sd, source_cfg=src_cfg)
+
+
+def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    keys = ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_bottom", "n_top", "n_chunks",
+            "n_attn_modules", "n_ffn_modules", "anchor")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and \
+        (a.attn_router.kind, a.attn_router.dim, a.ffn_router.kind, a.ffn_router.dim) == \
+        (b.attn_router.kind, b.attn_router.dim, b.ffn_router.kind, b.ffn_router.dim)

@@ -1,0 +1,1 @@
+"""Training: the loop (trainer.py), its data feed, checkpoints, metrics and routing telemetry."""

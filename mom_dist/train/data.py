@@ -1,0 +1,76 @@
+"""The trainer's data feed: micro-batch iterators for this rank, train and validation.
+
+``data`` section of the config:
+- ``{synthetic: {seed: 1234}}``: deterministic synthetic sequences (``batches.SyntheticTokens``),
+  for tests and smoke runs;
+- otherwise a ``mom_dist.data.loader.DataConfig`` (indexed ``.bin/.idx`` prefixes from
+  ``mom-preprocess``, blends, splits), fed through megatron-core's GPTDataset.
+Both follow the micro-batch contract in ``batches.py``. Data problems (missing files, a
+tokenizer whose vocabulary does not match ``model.vocab_size``) raise here, before training
+starts.
+"""
+
+from __future__ import annotations
+
+from mom_dist.config import Config
+from mom_dist.train.batches import SyntheticTokens
+
+
+class SyntheticData:
+    VALID_OFFSET = 10 ** 9  # validation samples come from a disjoint index range
+
+    def __init__(self, cfg: Config, dims, seed: int):
+        t = cfg.train
+        self.tokens = SyntheticTokens(cfg.model.vocab_size, t.seq_len, seed)
+        self.kw = dict(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                       dp_rank=dims.dp_rank, dp_size=dims.dp_size)
+
+    def train(self, consumed_samples: int):
+        return self.tokens.iterator(consumed_samples=consumed_samples, **self.kw)
+
+    def valid(self):
+        return self.tokens.iterator(offset=self.VALID_OFFSET, **self.kw)
+
+
+class IndexedData:
+    def __init__(self, cfg: Config, dims):
+        from mom_dist.data.loader import DataConfig
+
+        self.cfg, self.dims = cfg, dims
+        data = dict(cfg.data)
+        data.setdefault("seq_length", cfg.train.seq_len)
+        data.setdefault("seed", cfg.train.seed)
+        self.data_cfg = DataConfig.from_dict(data)
+        if self.data_cfg.seq_length != cfg.train.seq_len:
+            raise ValueError(f"data.seq_length={self.data_cfg.seq_length} differs from train.seq_len="
+                             f"{cfg.train.seq_len}; remove data.seq_length (it follows train.seq_len)")
+        # Build index caches and check vocab/data now, before training starts.
+        self.its = self._iterators(0)
+
+    def _iterators(self, consumed_samples: int):
+        from mom_dist.data.loader import build_data_iterators
+
+        t = self.cfg.train
+        per_eval = max(1, t.eval_batches) * t.micro_batch_size * self.dims.dp_size
+        return build_data_iterators(
+            self.data_cfg, vocab_size=self.cfg.model.vocab_size, global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
+            train_samples=t.steps * t.global_batch_size,
+            valid_samples=-(-per_eval // t.global_batch_size) * t.global_batch_size,
+            consumed_samples=consumed_samples)
+
+    def train(self, consumed_samples: int):
+        its = self.its if consumed_samples == 0 else self._iterators(consumed_samples)
+        return iter(its.train)
+
+    def valid(self):
+        return iter(self.its.valid) if self.its.valid is not None else None
+
+
+def build_data(cfg: Config, dims):
+    if "synthetic" in cfg.data:
+        extra = set(cfg.data) - {"synthetic"}
+        if extra:
+            raise ValueError(f"data.synthetic cannot be combined with {sorted(extra)}")
+        return SyntheticData(cfg, dims, int((cfg.data["synthetic"] or {}).get("seed", 1234)))
+    return IndexedData(cfg, dims)

@@ -1,9 +1,9 @@
 """Read training checkpoints back as one plain model, whatever layout wrote them.
 
 ``consolidate(ckpt_dir)`` gathers DeepSpeed's files - non-module weights from
-``mp_rank_00_model_states.pt`` and one ``layer_{L}_expert_{E}_...`` file per module - into the
-state dict of a plain ``MoMModel`` (the expert-parallel key layout mapped back), with the run's
-config. ``init_from_source`` starts a run from a consolidated/DeepSpeed checkpoint of any layout
+``mp_rank_00_model_states.pt`` and one ``layer_{L}_expert_{r}_...`` file per pool and EP rank
+(its slice of the stacked module tensors) - into the state dict of a plain ``MoMModel``, with
+the run's config. ``init_from_source`` starts a run from a consolidated/DeepSpeed checkpoint of any layout
 (same architecture: weights copied; a vanilla GPT-2 run: phase-2 decomposition) or from a
 Hugging Face GPT-2 directory.
 """
@@ -13,13 +13,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 
 from mom_dist.config_utils import from_dict
 from mom_dist.model.config import ModelConfig
 
-EXPERT_KEY = ".deepspeed_moe.experts.deepspeed_experts."
+EXPERT_KEY = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
 
 
 def _tag_dir(path: str, tag: str | None) -> str:
@@ -45,10 +46,14 @@ def consolidate(path: str, tag: str | None = None) -> tuple[ModelConfig, dict, d
         state = json.load(f)
     mcfg = from_dict(ModelConfig, state["config"]["model"], "model.")
     main = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    sd = {k: v for k, v in main["module"].items()}
-    for f in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        sd.update(torch.load(f, map_location="cpu", weights_only=False))
-    sd = {k.replace(EXPERT_KEY, ".experts."): v for k, v in sd.items()}
+    sd = dict(main["module"])
+    slices: dict[str, list] = {}  # plain key -> [(EP rank, local slice of the stacked pool tensor)]
+    for f in glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+            m = EXPERT_KEY.search(k)
+            slices.setdefault(EXPERT_KEY.sub(".", k), []).append((int(m.group(1)), v))
+    for k, parts in slices.items():
+        sd[k] = torch.cat([v for _, v in sorted(parts, key=lambda x: x[0])])
     missing = _expected_keys(mcfg) - set(sd)
     if missing:
         raise ValueError(f"checkpoint '{tag_dir}' lacks {len(missing)} weights (e.g. {sorted(missing)[:3]}); "

@@ -79,8 +79,9 @@ def hf_from_layers(embed: dict, layers: list[dict]) -> dict:
     return sd
 
 
-def _sub(sd: dict, prefix: str, keys) -> dict:
-    return {f"{k}.{p}": sd[f"{prefix}{k.split('.', 1)[1]}.{p}"] for k in keys for p in ("weight", "bias")}
+def _pool_key(block_key: str) -> str:
+    """``attn.qkv.weight`` -> ``qkv_weight`` (a module pool stacks its modules' tensors)."""
+    return block_key.split(".", 1)[1].replace(".", "_")
 
 
 def layers_from_mom(sd: dict, cfg: ModelConfig) -> tuple[dict, list[dict]]:
@@ -89,17 +90,22 @@ def layers_from_mom(sd: dict, cfg: ModelConfig) -> tuple[dict, list[dict]]:
         raise ValueError("only a vanilla-schedule MoM (n_attn_modules == n_ffn_modules == n_steps) reads as "
                          "a GPT-2 layer list; this checkpoint's chunks are not a fixed layer order")
     embed = {k: sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
-    layers = [{k[len(f"bottom.{i}."):]: v for k, v in sd.items() if k.startswith(f"bottom.{i}.")}
-              for i in range(cfg.n_bottom)]
+
+    def block(prefix):
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    layers = [block(f"bottom.{i}.") for i in range(cfg.n_bottom)]
     for c in range(cfg.n_chunks):
         for h in range(cfg.n_steps):
-            layer = _sub(sd, f"chunks.{c}.attn_pool.experts.{h}.", ATTN_KEYS)
-            layer.update(_sub(sd, f"chunks.{c}.ffn_pool.experts.{h}.", FFN_KEYS))
+            layer = {}
+            for kind, pool in (("attn", "attn_pool"), ("ffn", "ffn_pool")):
+                for k in (ATTN_KEYS if kind == "attn" else FFN_KEYS):
+                    for p in ("weight", "bias"):
+                        layer[f"{k}.{p}"] = sd[f"chunks.{c}.{pool}.{_pool_key(f'{k}.{p}')}"][h]
             layers.append(layer)
         if cfg.anchor:
-            layers.append({k[len(f"anchors.{c}."):]: v for k, v in sd.items() if k.startswith(f"anchors.{c}.")})
-    layers += [{k[len(f"top.{i}."):]: v for k, v in sd.items() if k.startswith(f"top.{i}.")}
-               for i in range(cfg.n_top)]
+            layers.append(block(f"anchors.{c}."))
+    layers += [block(f"top.{i}.") for i in range(cfg.n_top)]
     return embed, layers
 
 
@@ -116,13 +122,11 @@ def mom_from_layers(embed: dict, layers: list[dict], cfg: ModelConfig) -> dict:
         sd.update({f"bottom.{i}.{k}": v for k, v in next(it).items()})
     for c in range(cfg.n_chunks):
         group = [next(it) for _ in range(max(cfg.n_attn_modules, cfg.n_ffn_modules))]
-        for j, layer in enumerate(group):
-            for k, v in layer.items():
-                kind, rest = k.split(".", 1)
-                if kind == "attn" and j < cfg.n_attn_modules:
-                    sd[f"chunks.{c}.attn_pool.experts.{j}.{rest}"] = v
-                elif kind == "ffn" and j < cfg.n_ffn_modules:
-                    sd[f"chunks.{c}.ffn_pool.experts.{j}.{rest}"] = v
+        for kind, pool, n in (("attn", "attn_pool", cfg.n_attn_modules), ("ffn", "ffn_pool", cfg.n_ffn_modules)):
+            for k in (ATTN_KEYS if kind == "attn" else FFN_KEYS):
+                for p in ("weight", "bias"):
+                    sd[f"chunks.{c}.{pool}.{_pool_key(f'{k}.{p}')}"] = torch.stack(
+                        [layer[f"{k}.{p}"] for layer in group[:n]])
         if cfg.anchor:
             sd.update({f"anchors.{c}.{k}": v for k, v in next(it).items()})
     for i in range(cfg.n_top):

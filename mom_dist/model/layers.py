@@ -124,11 +124,11 @@ def init_gpt2_(module: nn.Module, std: float, n_residual_layers: int) -> None:
     """GPT-2 initialisation: N(0, std) weights, zero biases, output projections scaled by
     1/sqrt(2 * residual layers) (GPT-2 paper §2.3)."""
     for name, p in module.named_parameters():
-        if name.endswith("ln.weight") or name.endswith("ln_f.weight"):
+        if name.endswith(("ln.weight", "ln_f.weight", "ln_weight")):
             nn.init.ones_(p)
-        elif name.endswith("bias"):
+        elif name.endswith(("bias", "bias_ih", "bias_hh")):
             nn.init.zeros_(p)
-        elif name.endswith("proj.weight"):
+        elif name.endswith(("proj.weight", "proj_weight")):
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * max(1, n_residual_layers)))
         else:
             nn.init.normal_(p, 0.0, std)

@@ -1,71 +1,78 @@
 """Module pools: the attention and FFN modules of one MoM chunk (spec §3).
 
-Each module keeps its own parameters (``pool.experts[i]``), named like a GPT-2 layer so that
-vanilla checkpoints map onto them directly. A pool may hold a slice of the chunk's modules
-(expert parallelism): ``first`` is the global id of ``experts[0]`` and ``n_global`` the chunk's
-pool size. Pools compute on rows already grouped by module (see ``dispatch.Groups``); the
-module LayerNorm is split into a shared normalisation (done once per token, before dispatch)
-and a per-module affine applied here.
+A pool stores its N modules' weights stacked, module first: ``qkv_weight`` is (N, D, 3D),
+``ln_weight`` (N, D), ... (GPT-2's ``Conv1D`` (in, out) layout per module). Grouped matmuls
+consume the stacks directly, so no per-step copy of the weights is made and each module's
+gradient accumulates in place. A pool may hold a slice of the chunk's modules (expert
+parallelism): ``first`` is the global id of local module 0, ``n_global`` the chunk's pool size.
+
+Pools compute on rows already grouped by module (``dispatch.Groups``); the module LayerNorm is
+split into a shared normalisation (once per token, before dispatch) and a per-module affine
+applied here. ``unit(i)`` gives module i as plain callables, for references and tests.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mom_dist.model.dispatch import Groups, grouped_linear
-from mom_dist.model.layers import Linear, gelu
-
-
-class AttentionModule(nn.Module):
-    def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.ln = nn.LayerNorm(d_model, eps=eps)
-        self.qkv = Linear(d_model, 3 * d_model)
-        self.proj = Linear(d_model, d_model)
-
-
-class FFNModule(nn.Module):
-    def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.ln = nn.LayerNorm(d_model, eps=eps)
-        self.fc = Linear(d_model, 4 * d_model)
-        self.proj = Linear(4 * d_model, d_model)
+from mom_dist.model.layers import gelu
 
 
 class ModulePool(nn.Module):
-    """A pool of modules of one kind; subclasses define the per-module computation."""
+    """A pool of modules of one kind; ``linears`` names its (in, out) projections."""
 
-    module_cls: type = nn.Module
+    linears: dict = {}
 
     def __init__(self, n_modules: int, d_model: int, eps: float, use_grouped_mm: bool):
         super().__init__()
-        self.experts = nn.ModuleList([self.module_cls(d_model, eps) for _ in range(n_modules)])
+        self.d_model, self.eps = d_model, eps
+        self.ln_weight = nn.Parameter(torch.ones(n_modules, d_model))
+        self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_model))
+        for name, (d_in, d_out) in self.shapes(d_model).items():
+            setattr(self, f"{name}_weight", nn.Parameter(torch.empty(n_modules, d_in, d_out)))
+            setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(n_modules, d_out)))
         self.n_global = n_modules
         self.first = 0
         self.use_grouped_mm = use_grouped_mm
 
+    def shapes(self, d: int) -> dict:
+        raise NotImplementedError
+
+    @property
+    def n_local(self) -> int:
+        return self.ln_weight.shape[0]
+
     def keep_slice(self, first: int, count: int) -> None:
         """Keep modules [first, first+count) only (expert parallelism applies this)."""
-        self.experts = nn.ModuleList(list(self.experts)[first:first + count])
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[first:first + count].clone(), requires_grad=p.requires_grad))
         self.first = first
-
-    def _stack(self, path: str) -> torch.Tensor:
-        sub, name = path.split(".")
-        return torch.stack([getattr(getattr(m, sub), name) for m in self.experts])
 
     def _affine(self, xhat_MD: torch.Tensor, groups: Groups) -> torch.Tensor:
         """Per-module LayerNorm affine on rows that were normalised before dispatch."""
         hot = groups.onehot(xhat_MD.dtype)
-        return xhat_MD * (hot @ self._stack("ln.weight").to(xhat_MD.dtype)) + hot @ self._stack("ln.bias").to(xhat_MD.dtype)
+        return xhat_MD * (hot @ self.ln_weight.to(xhat_MD.dtype)) + hot @ self.ln_bias.to(xhat_MD.dtype)
 
-    def _linear(self, x_MI: torch.Tensor, sub: str, groups: Groups) -> torch.Tensor:
-        return grouped_linear(x_MI, self._stack(f"{sub}.weight"), self._stack(f"{sub}.bias"), groups,
+    def _linear(self, x_MI: torch.Tensor, name: str, groups: Groups) -> torch.Tensor:
+        return grouped_linear(x_MI, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), groups,
                               self.use_grouped_mm)
+
+    def unit(self, i: int):
+        """Local module i as callables ``ln`` and one per linear (reference computations)."""
+        ln = lambda x: F.layer_norm(x, (self.d_model,), self.ln_weight[i], self.ln_bias[i], self.eps)  # noqa: E731
+        fns = {name: (lambda x, n=name: x @ getattr(self, f"{n}_weight")[i] + getattr(self, f"{n}_bias")[i])
+               for name in self.shapes(self.d_model)}
+        return types.SimpleNamespace(ln=ln, **fns)
 
 
 class AttentionPool(ModulePool):
-    module_cls = AttentionModule
+    def shapes(self, d: int) -> dict:
+        return {"qkv": (d, 3 * d), "proj": (d, d)}
 
     def qkv(self, xhat_MD: torch.Tensor, groups: Groups) -> torch.Tensor:
         """QKV_i(LN_i(x)) for each row's module i -> (M, 3D)."""
@@ -77,7 +84,8 @@ class AttentionPool(ModulePool):
 
 
 class FFNPool(ModulePool):
-    module_cls = FFNModule
+    def shapes(self, d: int) -> dict:
+        return {"fc": (d, 4 * d), "proj": (4 * d, d)}
 
     def ffn(self, xhat_MD: torch.Tensor, groups: Groups) -> torch.Tensor:
         """FFN_j(x) = proj(gelu(fc(LN_j(x)))) for each row's module j -> (M, D)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import torch
 import torch.distributed as dist
@@ -34,21 +35,24 @@ from mom_dist.parallel.dims import ParallelDims
 class PoolAsDeepSpeedMoE(MoE):
     """A module pool seen by DeepSpeed as a native MoE layer.
 
-    Its modules live at ``deepspeed_moe.experts.deepspeed_experts.{i}`` (the key layout
-    DeepSpeed's MoE checkpointing expects); computation is delegated to the wrapped pool.
+    DeepSpeed's MoE checkpointing writes one file per "expert", found at
+    ``deepspeed_moe.experts.deepspeed_experts.{i}``. Our pools stack their modules, so each EP
+    rank's whole slice is one such expert (``num_local_experts = 1``, ``num_experts = ep_size``):
+    the engine writes ``layer_{L}_expert_{ep_rank}_...`` from the owning rank and reads it back
+    on any layout with the same ``ep_size``. Computation is delegated to the wrapped pool.
     """
 
     def __init__(self, pool: ModulePool, dims: ParallelDims):
         nn.Module.__init__(self)  # skip MoE.__init__: it would build its own experts and gate
         self.deepspeed_moe = nn.Module()
         self.deepspeed_moe.experts = nn.Module()
-        self.deepspeed_moe.experts.deepspeed_experts = pool.experts
-        object.__setattr__(self, "pool", pool)  # not a child: its parameters are registered once
-        self.num_experts = pool.n_global
-        self.num_local_experts = len(pool.experts)
+        self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList([pool])
+        object.__setattr__(self, "pool", pool)
+        self.num_experts = dims.ep_size
+        self.num_local_experts = 1
         self.ep_size = dims.ep_size
         self.expert_group_name = dims.group_name
-        for p in pool.experts.parameters():
+        for p in pool.parameters():
             p.allreduce = False  # DeepSpeed's marks for expert parameters
             p.group_name = dims.group_name
 
@@ -64,10 +68,6 @@ class PoolAsDeepSpeedMoE(MoE):
 
     def ffn(self, *args):
         return self.pool.ffn(*args)
-
-    @property
-    def experts(self):
-        return self.pool.experts
 
     @property
     def first(self):
@@ -87,9 +87,12 @@ def wrap_pools_for_deepspeed(model, dims: ParallelDims) -> None:
         chunk.ffn_pool = PoolAsDeepSpeedMoE(chunk.ffn_pool, dims)
 
 
+EXPERT_KEY = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.")
+
+
 def plain_state_key(key: str) -> str:
     """Map a DeepSpeed-wrapped state-dict key back to the plain model's key."""
-    return key.replace(".deepspeed_moe.experts.deepspeed_experts.", ".experts.")
+    return EXPERT_KEY.sub(".", key)
 
 
 # ----------------------------------------------------------------------------- config
@@ -169,14 +172,16 @@ def load_user_ds_config(path: str | None) -> dict | None:
 
 # --------------------------------------------------------------------- optimizer
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings, not biases or LayerNorms (GPT-2/nanoGPT); module
+    """Decay weights and embeddings, not biases or LayerNorms (GPT-2/nanoGPT); module
     parameters go into DeepSpeed's MoE groups (reduced and partitioned per EDP group)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            last = name.rsplit(".", 2)
+            is_norm = last[-1].startswith("ln_") or (len(last) > 1 and last[-2] in ("ln", "ln_f"))
+            (no_decay if "bias" in last[-1] or is_norm else decay).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
@@ -202,7 +207,7 @@ class GlobalNormClipper:
     def __init__(self, model, dims: ParallelDims, max_norm: float):
         self.dims, self.max_norm = dims, max_norm
         self.module_ids = {id(p) for c in model.chunks for pool in (c.attn_pool, c.ffn_pool)
-                           for p in pool.experts.parameters()}
+                           for p in pool.parameters()}
         self.last_norm = 0.0
 
     def global_norm(self, module_sq: torch.Tensor, other_sq: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 
+@torch.no_grad()
 def routing_telemetry(routing, model, dims) -> dict:
     rows, packed = [], []
     for r in routing:

@@ -38,7 +38,7 @@ def naive_step(chunk, x_TD, ra, rf, B, S, kept_a=None, kept_f=None):
     for t in range(T):
         for slot, i in enumerate(ra.ids_TK[t].tolist()):
             if i < cfg.n_attn_modules and kept_a[t, slot]:
-                m = chunk.attn_pool.experts[i]
+                m = chunk.attn_pool.unit(i)
                 w = ra.weights_TK[t, slot] if cfg.qkv_weighted else 1.0
                 qkv[t] += w * m.qkv(m.ln(x_TD[t]))
     q, k, v = qkv.view(B, S, 3 * D).split(D, -1)
@@ -48,12 +48,12 @@ def naive_step(chunk, x_TD, ra, rf, B, S, kept_a=None, kept_f=None):
     for t in range(T):
         for slot, i in enumerate(ra.ids_TK[t].tolist()):
             if i < cfg.n_attn_modules and kept_a[t, slot]:
-                x[t] += ra.weights_TK[t, slot] * chunk.attn_pool.experts[i].proj(attn[t])
+                x[t] += ra.weights_TK[t, slot] * chunk.attn_pool.unit(i).proj(attn[t])
     out = x.clone()
     for t in range(T):
         for slot, j in enumerate(rf.ids_TK[t].tolist()):
             if j < cfg.n_ffn_modules and kept_f[t, slot]:
-                m = chunk.ffn_pool.experts[j]
+                m = chunk.ffn_pool.unit(j)
                 out[t] += rf.weights_TK[t, slot] * m.proj(gelu(m.fc(m.ln(x[t]))))
     return out
 

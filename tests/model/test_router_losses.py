@@ -107,7 +107,7 @@ def test_moe_special_case_equals_hand_written_topk_moe():
     with torch.no_grad():
         x = model.wte(ids) + model.wpe(torch.arange(10))
         for chunk in model.chunks:
-            a = chunk.attn_pool.experts[0]  # a dense GPT-2 attention sub-layer
+            a = chunk.attn_pool.unit(0)  # a dense GPT-2 attention sub-layer
             q, k, v = a.qkv(a.ln(x)).split(16, -1)
             att = F.scaled_dot_product_attention(*(t.view(2, 10, 2, 8).transpose(1, 2) for t in (q, k, v)),
                                                  is_causal=True).transpose(1, 2).reshape(2, 10, 16)
@@ -117,7 +117,8 @@ def test_moe_special_case_equals_hand_written_topk_moe():
             top_p, top_i = logits.softmax(-1).topk(K, -1)
             top_p = top_p / top_p.sum(-1, keepdim=True)
             moe = torch.zeros_like(x)
-            for e, m in enumerate(chunk.ffn_pool.experts):
+            for e in range(E):
+                m = chunk.ffn_pool.unit(e)
                 y = m.proj(gelu(m.fc(m.ln(x))))
                 moe += (top_p * (top_i == e)).sum(-1, keepdim=True) * y
             x = x + moe

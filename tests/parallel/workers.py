@@ -65,36 +65,34 @@ def dispatch_parity(args: dict) -> dict:
         diffs[key] = (results["ref"][key] - results["ep"][key]).abs().max().item()
         worst = max(worst, diffs[key])
     ep_chunk = ep_model.chunks[0]
-    ref_grads = {}
     for n, p in ref_model.chunks[0].named_parameters():  # same order on every rank
-        if "pool" in n:
-            ref_grads[n] = results["ref"]["grads"].get(n, torch.zeros_like(p))
-            dist.all_reduce(ref_grads[n], group=dims.ep_group)
-    for n, p in ep_chunk.named_parameters():
         if "pool" not in n:
             continue
-        pool_name, _, idx, rest = n.split(".", 3)
-        ref = ref_grads[f"{pool_name}.experts.{getattr(ep_chunk, pool_name).first + int(idx)}.{rest}"]
-        got = results["ep"]["grads"].get(n, torch.zeros_like(p))
-        diffs[n] = (ref - got).abs().max().item()
+        ref = results["ref"]["grads"].get(n, torch.zeros_like(p))
+        dist.all_reduce(ref, group=dims.ep_group)  # every rank's tokens contribute
+        pool = ep_chunk.get_submodule(n.split(".")[0])
+        got = results["ep"]["grads"].get(n, torch.zeros_like(pool.get_parameter(n.split(".")[1])))
+        diffs[n] = (ref[pool.first:pool.first + pool.n_local] - got).abs().max().item()
         worst = max(worst, diffs[n])
     return dict(max_abs_diff=worst, diffs=diffs, dropped_ref=results["ref"]["dropped"], dropped_ep=results["ep"]["dropped"],
                 bytes_sent=ep_chunk.dispatcher.bytes_sent if dims.ep_size > 1 else 0)
 
 
 def _global_params(model, dims) -> dict:
-    """This rank's parameters under their single-process names (module ids made global)."""
+    """This rank's parameters under single-process names; a pool's stacked tensors are split
+    into one entry per module, named by its global id (``...qkv_weight[3]``)."""
     from mom_dist.parallel.deepspeed_engine import plain_state_key
 
     out = {}
     for name, p in model.named_parameters():
         name = plain_state_key(name)
-        if ".experts." in name:
-            head, rest = name.split(".experts.", 1)
-            idx, tail = rest.split(".", 1)
-            pool = model.get_submodule(head)
-            name = f"{head}.experts.{pool.first + int(idx)}.{tail}"
-        out[name] = p.detach().float().clone()
+        head, pname = name.rsplit(".", 1)
+        if head.endswith("_pool"):
+            first = model.get_submodule(head).first
+            for i in range(p.shape[0]):
+                out[f"{name}[{first + i}]"] = p.detach()[i].float().clone()
+        else:
+            out[name] = p.detach().float().clone()
     return out
 
 

@@ -123,7 +123,12 @@ def train_once(args: dict) -> dict:
     from mom_dist.train.trainer import train
 
     cfg = load_config(args["config"], args["overrides"])
-    res = train(cfg, log=lambda *a: None)
+    try:
+        res = train(cfg, log=lambda *a: None)
+    except ValueError as e:
+        if not args.get("expect_error"):
+            raise
+        return {"error": str(e)}
     dims = build_parallel_dims(cfg.parallel.ep_size)
     if args.get("dump"):
         torch.save(_global_params(res.engine.module, dims), f"{args['dump']}_rank{dist.get_rank()}.pt")

@@ -1,0 +1,62 @@
+"""``mom-convert``: checkpoints to evaluation formats.
+
+    mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
+    mom-convert to-hf SOURCE -o HF_DIR                           vanilla GPT-2 case -> transformers
+    mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
+
+SOURCE is a run directory or an exported directory. Existing outputs are never overwritten
+without --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mom-convert", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="consolidate a training checkpoint into one plain model directory")
+    e.add_argument("run_dir")
+    e.add_argument("--tag", default=None)
+    h = sub.add_parser("to-hf", help="write a vanilla-schedule model as a transformers GPT2LMHeadModel")
+    h.add_argument("source")
+    f = sub.add_parser("from-hf", help="decompose a GPT-2 directory into a MoM (spec §8 phase 2)")
+    f.add_argument("hf_dir")
+    f.add_argument("--config", required=True)
+    f.add_argument("--set", dest="overrides", action="append", default=[])
+    for p in (e, h, f):
+        p.add_argument("-o", "--output", required=True)
+        p.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+
+    from mom_dist.convert import export
+
+    try:
+        if args.cmd == "export":
+            out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite)
+        elif args.cmd == "to-hf":
+            out = export.export_hf_gpt2(export.load_exported(args.source), args.output, overwrite=args.overwrite)
+        else:
+            import torch
+
+            from mom_dist.config import load_config
+            from mom_dist.convert.gpt2 import init_mom_from_gpt2
+            from mom_dist.model import MoMModel
+
+            cfg = load_config(args.config, args.overrides)
+            torch.manual_seed(cfg.train.seed)
+            model = MoMModel(cfg.model)
+            init_mom_from_gpt2(model, args.hf_dir)
+            out = export.save_exported(args.output, cfg.model, model.state_dict(), overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mom-convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"mom-convert: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,8 +69,8 @@ def discover_launch_env(env: dict | None = None) -> LaunchEnv:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
         local_size = _int(env, "SLURM_NTASKS_PER_NODE") if env.get("SLURM_NTASKS_PER_NODE", "").isdigit() else world
-    else:
-        return LaunchEnv("single", 0, 1, 0, 1, "127.0.0.1", int(port) if port.isdigit() else 29500)
+    else:  # one process: a private rendezvous on a free loopback port (two runs may share a host)
+        return LaunchEnv("single", 0, 1, 0, 1, "127.0.0.1", int(port) if "MASTER_PORT" in env else _free_port())
     if not 0 <= rank < world:
         raise LaunchError(f"rank {rank} is outside the world of {world} processes ({launcher} launcher); "
                           "check the launcher's process count")
@@ -84,6 +84,14 @@ def discover_launch_env(env: dict | None = None) -> LaunchEnv:
                               "(launchers/slurm.sbatch and launchers/mpirun.sh do this)")
         addr = "127.0.0.1"
     return LaunchEnv(launcher, rank, world, local_rank, local_size, addr, int(port))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> LaunchEnv:

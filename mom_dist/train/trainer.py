@@ -111,7 +111,7 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     preempt = PreemptionFlag()
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, last_tag, step = [], None, start_step
-    tick = time.time()
+    tick, last_logged = time.time(), start_step
     while step < t.steps:
         parts = torch.zeros(4, device=device)
         for _ in range(ga):
@@ -125,15 +125,14 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         parts = _mean_over_ranks(parts / ga)
         losses.append(parts[0].item())
         if step % t.log_interval == 0 or step == t.steps or step == start_step + 1:
-            elapsed = time.time() - tick
-            n_steps = step - start_step if step == start_step + 1 else min(t.log_interval, step - start_step)
+            elapsed, n_steps = time.time() - tick, step - last_logged
             v = {"loss": parts[0].item(), "lm_loss": parts[1].item(), "balance_loss": parts[2].item(),
                  "z_loss": parts[3].item(), "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine, clipper),
                  "tokens_per_s": tokens_per_step * n_steps / max(elapsed, 1e-9), "consumed_samples": consumed}
             metrics.write("train", step, v)
             if dims.rank == 0:
                 log(progress_line(step, t.steps, v))
-            tick = time.time()
+            tick, last_logged = time.time(), step
         if step % t.telemetry_interval == 0:
             tel = routing_telemetry(out.routing, model, dims)
             metrics.write("routing", step, {**summarize(tel), "detail": tel["per_step"]})

@@ -7,6 +7,8 @@ VPY     := $(VENV)/bin/python
 # Each venv gets its own torch-extension cache (two venvs sharing one rebuild each other's ops).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export OMP_NUM_THREADS ?= 2
+# The venv's tools first (its ninja, too: DeepSpeed rebuilds JIT ops when the ninja changes).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 DATA    := data/default
 
 .PHONY: venv quickstart test clean

@@ -68,7 +68,13 @@ def discover_launch_env(env: dict | None = None) -> LaunchEnv:
         launcher = "slurm"
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
-        local_size = _int(env, "SLURM_NTASKS_PER_NODE") if env.get("SLURM_NTASKS_PER_NODE", "").isdigit() else world
+        nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1"
+        if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+            local_size = _int(env, "SLURM_NTASKS_PER_NODE")
+        elif nodes.isdigit() and int(nodes) > 1:  # srun -n N -N M without --ntasks-per-node: still multi-node
+            local_size = -(-world // int(nodes))
+        else:
+            local_size = world
     else:  # one process: a private rendezvous on a free loopback port (two runs may share a host)
         return LaunchEnv("single", 0, 1, 0, 1, "127.0.0.1", int(port) if "MASTER_PORT" in env else _free_port())
     if not 0 <= rank < world:

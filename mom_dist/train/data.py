@@ -72,5 +72,9 @@ def build_data(cfg: Config, dims):
         extra = set(cfg.data) - {"synthetic"}
         if extra:
             raise ValueError(f"data.synthetic cannot be combined with {sorted(extra)}")
-        return SyntheticData(cfg, dims, int((cfg.data["synthetic"] or {}).get("seed", 1234)))
+        synthetic = cfg.data["synthetic"] or {}
+        if not isinstance(synthetic, dict) or set(synthetic) - {"seed"}:
+            raise ValueError(f"data.synthetic={synthetic!r}: the only key is 'seed' (YAML needs a space after "
+                             "each ':', e.g. --set data='{synthetic: {seed: 1}}')")
+        return SyntheticData(cfg, dims, int(synthetic.get("seed", 1234)))
     return IndexedData(cfg, dims)

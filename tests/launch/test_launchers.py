@@ -270,9 +270,6 @@ def test_discover_launch_env_single_node_defaults():
             slurm.master_port) == ("slurm", 3, 1, 2, "node1", 12345)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.py takes local_size = world when SLURM_NTASKS_PER_NODE is absent "
-                                       "(srun -n 16 -N 2 without --ntasks-per-node), so a 2-node job without "
-                                       "MASTER_ADDR rendezvouses at 127.0.0.1 and hangs; fix reported")
 def test_slurm_multinode_without_ntasks_per_node_needs_master_addr():
     with pytest.raises(LaunchError, match="MASTER_ADDR"):
         discover_launch_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",

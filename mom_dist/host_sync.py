@@ -2,7 +2,8 @@
 
 ``count_host_syncs()`` is a ``TorchDispatchMode`` that counts the aten ops whose result size or
 value must be read by the host (``_local_scalar_dense`` behind ``.item()``/``int()``,
-``nonzero``, boolean indexing, ``bincount``, ``unique``, ...). ``Tensor.tolist()`` does not go
+``nonzero``, boolean indexing, ``bincount``, ``unique``, ..., and copies of host tensors to a
+device, as ``torch.tensor(list, device=cuda)`` makes). ``Tensor.tolist()`` does not go
 through the dispatcher, so code that needs values on the host calls ``to_host_list`` here,
 which the counter also sees. Benchmarks and tests use it to prove the dispatch budget.
 """
@@ -19,7 +20,7 @@ _SYNC_OPS = {
     "aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
     "aten.bincount.default", "aten._unique2.default", "aten.unique_dim.default",
     "aten.unique_consecutive.default", "aten.repeat_interleave.Tensor", "aten.equal.default",
-    "aten.is_nonzero.default", "aten.nonzero_static.default",
+    "aten.is_nonzero.default",
 }
 _active: list["SyncCounter"] = []
 
@@ -38,6 +39,9 @@ class SyncCounter(TorchDispatchMode):
         if name in _SYNC_OPS or (name == "aten.index.Tensor" and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))):
             self.ops[name] += 1
+        elif name == "aten._to_copy.default" and args[0].device.type == "cpu" and \
+                torch.device((kwargs or {}).get("device") or "cpu").type != "cpu":
+            self.ops["host_to_device_copy"] += 1  # e.g. torch.tensor(list, device=cuda): a blocking copy
         return func(*args, **(kwargs or {}))
 
 

@@ -65,7 +65,7 @@ class ModelConfig:
     balance_mode: str = "pooled"  # pooled over all steps (reference) | depthwise (per step)
     balance_double_softmax: bool = False  # reproduce the reference's second softmax (weaker loss)
     z_loss_coef: float = 0.0
-    activation_checkpointing: bool = False  # recompute each block / routing step in backward
+    activation_checkpointing: bool = False  # recompute blocks, module compute and attention in backward
     grouped_gemm: str = "auto"  # auto | on | off: torch._grouped_mm for module pools
 
     @property

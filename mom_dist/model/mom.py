@@ -73,14 +73,18 @@ class MoMChunk(nn.Module):
         records = []
         for step in range(self.cfg.n_steps):
             cache = caches[step] if caches is not None else None
-            args = (x_TD, state_a, state_f, step, (B, S), cache, attn_mask_BSL)
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                out = checkpoint(self.routing_step, *args, use_reentrant=False)
-            else:
-                out = self.routing_step(*args)
-            x_TD, state_a, state_f, rec_a, rec_f = out
+            x_TD, state_a, state_f, rec_a, rec_f = self.routing_step(
+                x_TD, state_a, state_f, step, (B, S), cache, attn_mask_BSL)
             records += [rec_a, rec_f]
         return x_TD.view(B, S, D), records
+
+    def _recompute(self, fn, *args, **kwargs):
+        """Activation checkpointing inside a routing step: module compute and the attention core
+        are recomputed in backward; routing, plans and all-to-alls are not (re-running them would
+        repeat the communication and its host syncs)."""
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
     def routing_step(self, x_TD, state_a, state_f, step, shape, cache, attn_mask_BSL):
         cfg, disp = self.cfg, self.dispatcher
@@ -92,24 +96,24 @@ class MoMChunk(nn.Module):
         ra = self.attn_router(x_TD, state_a, step)
         plan = disp.plan(ra.ids_TK, cfg.n_attn_modules)
         xhat = F.layer_norm(x_TD, (D,), eps=cfg.layer_norm_eps)
-        qkv_rows = self.attn_pool.qkv(disp.dispatch(plan, xhat), plan.groups)
+        qkv_rows = self._recompute(self.attn_pool.qkv, disp.dispatch(plan, xhat), plan.groups)
         qkv_TE = disp.combine(plan, qkv_rows, ra.weights_TK if cfg.qkv_weighted else None)
         q, k, v = qkv_TE.view(B, S, 3 * D).split(D, dim=-1)
         # A token whose picks are all SKIP has q = k = v = 0 (reference: others still see it).
         keep = (ra.ids_TK < cfg.n_attn_modules).any(-1).view(B, S) if cfg.mask_skip_keys else None
         if cache is not None:
             k, v, keep = cache.append(k, v, keep)
-        attn = causal_attention(q, k, v, cfg.n_heads, key_keep_BL=keep, attn_mask_BSL=attn_mask_BSL,
-                                dropout_p=drop).reshape(B * S, D)
+        attn = self._recompute(causal_attention, q, k, v, cfg.n_heads, key_keep_BL=keep,
+                               attn_mask_BSL=attn_mask_BSL, dropout_p=drop).reshape(B * S, D)
         # Output projection reuses the QKV plan: same tokens, same modules.
-        o_rows = self.attn_pool.out(disp.dispatch(plan, attn), plan.groups)
+        o_rows = self._recompute(self.attn_pool.out, disp.dispatch(plan, attn), plan.groups)
         x_TD = x_TD + F.dropout(disp.combine(plan, o_rows, ra.weights_TK), drop, self.training).to(x_TD.dtype)
 
         # FFN: its own route and plan, on the updated residual stream.
         rf = self.ffn_router(x_TD, state_f, step)
         fplan = disp.plan(rf.ids_TK, cfg.n_ffn_modules)
         xhat = F.layer_norm(x_TD, (D,), eps=cfg.layer_norm_eps)
-        f_rows = self.ffn_pool.ffn(disp.dispatch(fplan, xhat), fplan.groups)
+        f_rows = self._recompute(self.ffn_pool.ffn, disp.dispatch(fplan, xhat), fplan.groups)
         x_TD = x_TD + F.dropout(disp.combine(fplan, f_rows, rf.weights_TK), drop, self.training).to(x_TD.dtype)
 
         rec_a = RoutingRecord(self.index, step, "attn", cfg.n_attn_modules, ra.logits_TC, ra.probs_TC,

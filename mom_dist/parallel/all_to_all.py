@@ -136,16 +136,16 @@ class AllToAllDispatcher:
         pair_order = pair_order[:n_pairs]
         p_dst = dst_P[pair_order]
         row_in_chunk = slot[p_dst * T + tok_P[pair_order]] - tok_start[p_dst]
-        meta = torch.stack([lmod_P[pair_order], row_in_chunk], 1)
-        meta_in = _a2a(meta, pair_in, pair_out, self.group)
+        meta = torch.stack([lmod_P[pair_order], row_in_chunk], 1).to(torch.int32)  # int32: half the control bytes
+        meta_in = _a2a(meta, pair_in, pair_out, self.group).long()
         # Received pairs: which source chunk each came from -> global row in the received tokens.
-        pair_src_ends = torch.tensor(pair_in, device=dev).cumsum(0)
-        src = torch.searchsorted(pair_src_ends, torch.arange(sum(pair_in), device=dev), right=True)
-        tok_in_start = torch.tensor([0] + tok_in[:-1], device=dev).cumsum(0)
-        row = meta_in[:, 1] + tok_in_start[src]
+        # (Offsets come from counts_in on the device: no host->device copies, which would sync a GPU.)
+        tok_in_dev, pair_in_dev = counts_in[:, 0], counts_in[:, 1:].sum(1)
+        src = torch.searchsorted(pair_in_dev.cumsum(0), torch.arange(sum(pair_in), device=dev), right=True)
+        row = meta_in[:, 1] + (tok_in_dev.cumsum(0) - tok_in_dev)[src]
         order_M = torch.argsort(meta_in[:, 0], stable=True)
         per_module = [sum(host[1][s][1 + m] for s in range(E)) for m in range(n_local)]
-        ends = torch.tensor(per_module, device=dev).cumsum(0).to(torch.int32)
+        ends = counts_in[:, 1:].sum(0).cumsum(0).to(torch.int32)
         groups = Groups(ends, meta_in[:, 0][order_M], None, per_module)
         return DroplessPlan(T, send_token, pair_order, tok_out, tok_in, pair_out, pair_in,
                             row[order_M], order_M, groups, torch.zeros((), dtype=torch.long, device=dev))
@@ -185,7 +185,7 @@ class AllToAllDispatcher:
             return combine_local(plan.local, back, weights_TK)
         if weights_TK is not None:
             w = weights_TK.reshape(-1).index_select(0, plan.send_pair_order).to(y_ME.dtype)
-            self._count(w, 0)
+            self._count(w, plan.pair_splits_out[self.rank])
             w_in = all_to_all(w, plan.pair_splits_in, plan.pair_splits_out, self.group)
             y_ME = y_ME * w_in.index_select(0, plan.order_M).unsqueeze(-1)
         rows = torch.zeros(sum(plan.token_splits_in), y_ME.shape[-1], dtype=y_ME.dtype, device=y_ME.device)

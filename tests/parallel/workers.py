@@ -74,7 +74,16 @@ def dispatch_parity(args: dict) -> dict:
         got = results["ep"]["grads"].get(n, torch.zeros_like(pool.get_parameter(n.split(".")[1])))
         diffs[n] = (ref[pool.first:pool.first + pool.n_local] - got).abs().max().item()
         worst = max(worst, diffs[n])
-    return dict(max_abs_diff=worst, diffs=diffs, dropped_ref=results["ref"]["dropped"], dropped_ep=results["ep"]["dropped"],
+    # Host syncs of a training forward+backward through the EP dispatcher, with activation
+    # checkpointing on (recompute must not re-plan): <= 1 per plan dropless, 0 with capacity.
+    from mom_dist.host_sync import count_host_syncs
+
+    ep_model.cfg.activation_checkpointing = True
+    ep_model.train()
+    with count_host_syncs() as syncs:
+        out, *_ = ep_chunk.routing_step(x.clone().requires_grad_(True), None, None, 0, (B, S), None, None)
+        out.square().sum().backward()
+    return dict(max_abs_diff=worst, diffs=diffs, host_syncs=syncs.total, dropped_ref=results["ref"]["dropped"], dropped_ep=results["ep"]["dropped"],
                 bytes_sent=ep_chunk.dispatcher.bytes_sent if dims.ep_size > 1 else 0)
 
 

@@ -20,7 +20,6 @@ Functions:
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from mom_dist.model.dispatch import capacity_for  # noqa: E402
 from mom_dist.parallel import deepspeed_engine  # noqa: E402
 from mom_dist.parallel.dims import build_parallel_dims  # noqa: E402
 from mom_dist.parallel.expert_parallel import apply_expert_parallel, module_parameters  # noqa: E402
-from mom_dist.parallel.runtime import init_distributed, shutdown  # noqa: E402
+from mom_dist.parallel.local_launch import worker_main  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -344,15 +343,5 @@ def step_time(args: dict) -> dict:
                 losses={str(k): v for k, v in losses.items()}, tokens_per_rank=ids.numel())
 
 
-def main() -> None:
-    fn, args, path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    torch.set_num_threads(1)
-    init_distributed("gloo")
-    result = globals()[fn](args)
-    with open(path, "w") as f:
-        json.dump(result, f)
-    shutdown(0)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(globals(), threads=1)

@@ -20,18 +20,17 @@ Run:  TORCH_EXTENSIONS_DIR=.venv/torch_extensions .venv/bin/python benchmarks/ex
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mom_dist.parallel import local_launch  # noqa: E402
+import _machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 WORKER = os.path.join(ROOT, "benchmarks", "_ep_worker.py")
 
 # Small models: the quantities in A-C are counts and bytes, exact at any size.
@@ -42,37 +41,12 @@ MODEST = dict(vocab=4096, seq=256, d_model=256, heads=4, bottom=1, top=1, module
 
 
 # ----------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn: str, world: int, args: dict, timeout: int = 600) -> list[dict]:
-    """Start ``world`` worker processes running ``fn`` and return each rank's result."""
-    port = _free_port()
-    tmp = tempfile.mkdtemp(prefix=f"ep_bench_{fn}_")
-    procs, outs = [], []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-        outs.append(os.path.join(tmp, f"r{rank}.json"))
-        procs.append(subprocess.Popen([sys.executable, WORKER, fn, json.dumps(args), outs[-1]], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise SystemExit(f"{fn}: ranks timed out after {timeout}s")
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        if p.returncode != 0:
-            raise SystemExit(f"{fn}: rank {rank} exited {p.returncode}:\n{log[-5000:]}")
-    return [json.load(open(o)) for o in outs]
+            return local_launch.run_ranks(WORKER, fn, world, args, tmp, timeout)
+        except local_launch.RankFailure as e:
+            raise SystemExit(str(e))
 
 
 def _kib(b: float) -> str:
@@ -220,20 +194,7 @@ def part_d(world: int, rounds: int) -> str:
 
 
 def settings() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()
-    except OSError:
-        commit = "?"
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}, {cpu}, {os.cpu_count()} CPUs, "
-            f"torch {torch.__version__}, git {commit}; one process per rank, gloo, OMP_NUM_THREADS=1\n"
+    return (f"{_machine.describe()}; one process per rank, gloo, OMP_NUM_THREADS=1\n"
             f"small model (A-C): {SMALL}\nmodest model (D): {MODEST}")
 
 

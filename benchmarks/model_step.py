@@ -36,11 +36,8 @@ Run:  .venv/bin/python benchmarks/model_step.py            (defaults: about 3 mi
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -53,6 +50,7 @@ from torch import nn
 # run from a checkout without installing the package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from mom_dist.host_sync import count_host_syncs  # noqa: E402
 from mom_dist.model import ModelConfig, MoMModel, RouterConfig, gpt2_config  # noqa: E402
 from mom_dist.model.dispatch import LocalDispatcher  # noqa: E402
@@ -249,20 +247,7 @@ def table(variants: list[Variant], args) -> str:
 
 
 def settings(args) -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "mom_dist"], capture_output=True, text=True).stdout
-        commit += " (mom_dist/ has uncommitted changes)" if dirty.strip() else ""
-    except OSError:
-        commit = "?"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}, {cpu}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, git {commit}\n"
+    return (f"{_machine.describe()}, threads {torch.get_num_threads()}\n"
             f"d_model {args.d_model}, heads {args.heads}, seq {args.seq}, batch {args.batch} "
             f"({args.batch * args.seq} tokens/step), vocab {args.vocab}, fp32; MoM: B={args.bottom}, T={args.top}, "
             f"C=1, N_A=N_F={args.modules}, H={args.steps}, GRU routers dim {args.router_dim}, no SKIP; "

@@ -20,14 +20,14 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
 
 from mom_dist.data import corpus
 from mom_dist.data.indexed import ShardWriter, merge_shards, token_dtype, write_meta
-from mom_dist.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from mom_dist.data.tokenizer import Tokenizer, train_tokenizer
 
 SPLITS = ("train", "valid")
 _MAX_SKIP_EXAMPLES = 20

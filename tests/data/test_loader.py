@@ -1,5 +1,4 @@
 """Loader: deterministic order for any DP size, resume from consumed samples, EOD options, checks."""
-import os
 
 import numpy as np
 import pytest

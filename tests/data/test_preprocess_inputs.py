@@ -7,7 +7,6 @@ import os
 import tarfile
 
 import numpy as np
-import pytest
 
 from mom_dist.data.preprocess import preprocess
 from mom_dist.data.tokenizer import Tokenizer

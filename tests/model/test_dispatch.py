@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mom_dist.model import ModelConfig, MoMModel, RouterConfig
 from mom_dist.model.dispatch import LocalDispatcher, capacity_for

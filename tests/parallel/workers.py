@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-from mom_dist.parallel.runtime import init_distributed, shutdown
+from mom_dist.parallel.local_launch import worker_main
 
 
 def dispatch_parity(args: dict) -> dict:
@@ -144,15 +142,5 @@ def train_once(args: dict) -> dict:
     return {"losses": res.losses, "steps_done": res.steps_done, "valid": res.valid_loss}
 
 
-def main():
-    fn, args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    if args.get("init", True):
-        init_distributed("gloo")
-    result = globals()[fn](args)
-    with open(out, "w") as f:
-        json.dump(result, f)
-    shutdown(0)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(globals())

@@ -107,3 +107,12 @@ def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset):
     state = json.load(open(out / "checkpoints" / tag / "mom_state.json"))
     assert state["step"] == step and state["consumed_samples"] == step * 8
     assert os.path.exists(out / "checkpoints" / tag / "rng_rank00001.pt")
+
+
+def test_keep_last_prunes_older_complete_checkpoints(tmp_path, dataset):
+    out = tmp_path / "k"
+    train(tmp_path, "keep", 1, overrides(out, dataset, "parallel.ep_size=1", "train.save_interval=2",
+                                         "train.keep_last=2"))
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step00000004", "step00000006"]
+    assert open(ckpts / "latest").read() == "step00000006"

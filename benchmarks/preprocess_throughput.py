@@ -24,16 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWT_TOKENS = 9.04e9  # OpenWebText in GPT-2 tokens (nanoGPT's prepare.py: ~9,035,582,198)
 
 
-def run_ours(corpus, prefix, model, workers):
+def run_ours(corpus, prefix, model, workers, shard_mb):
     from mom_dist.data.preprocess import preprocess
 
     t = time.time()
     s = preprocess([corpus], prefix, tokenizer_model=model, workers=workers, overwrite=True,
-                   valid_ratio=0.0005)
+                   valid_ratio=0.0005, shard_mb=shard_mb)
     return {"tokens": s["tokens"], "seconds": time.time() - t}
 
 
-def run_nanogpt(corpus, prefix, model, workers):
+def run_nanogpt(corpus, prefix, model, workers, shard_mb=None):
     """nanoGPT data/openwebtext/prepare.py, with our SentencePiece model instead of tiktoken."""
     import datasets
     import numpy as np
@@ -67,11 +67,12 @@ def run_nanogpt(corpus, prefix, model, workers):
     return {"tokens": total, "seconds": time.time() - t}
 
 
-def measure(kind, corpus, prefix, model, workers):
+def measure(kind, corpus, prefix, model, workers, shard_mb):
     """Run one configuration in a child process; return its result and peak tree RSS (MB)."""
     import psutil
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, corpus, prefix, model, str(workers)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, corpus, prefix, model, str(workers),
+           str(shard_mb)]
     env = dict(os.environ, PYTHONPATH=ROOT, HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     parent = psutil.Process(proc.pid)
@@ -96,12 +97,15 @@ def main():
     ap.add_argument("--mb", type=float, default=50.0)
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--out", default="/tmp/mom_preprocess_bench")
-    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--shard-mb", type=float, default=4.0,
+                    help="mom-preprocess shard size; OpenWebText has ~2,500 shards of the default 16 MB, "
+                         "so at 50 MB small shards keep the workers as evenly loaded as a real run")
+    ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        kind, corpus, prefix, model, workers = args.one
+        kind, corpus, prefix, model, workers, shard_mb = args.one
         fn = run_ours if kind == "ours" else run_nanogpt
-        print(json.dumps(fn(corpus, prefix, model, int(workers))))
+        print(json.dumps(fn(corpus, prefix, model, int(workers), float(shard_mb))))
         return
 
     sys.path.insert(0, ROOT)
@@ -122,7 +126,8 @@ def main():
         ("nanogpt", small, 1, f"{args.mb:g} MB"), ("nanogpt", small, 2, f"{args.mb:g} MB"),
         ("ours", big, 1, f"{2 * args.mb:g} MB"), ("ours", big, 2, f"{2 * args.mb:g} MB"),
     ):
-        r = measure(kind, corpus, os.path.join(args.out, f"{kind}{workers}_{label[:-3]}", "p"), model, workers)
+        r = measure(kind, corpus, os.path.join(args.out, f"{kind}{workers}_{label[:-3]}", "p"), model, workers,
+                    args.shard_mb)
         r.update(kind=kind, workers=workers, corpus=label, tps=r["tokens"] / r["seconds"])
         rows.append(r)
         print(f"{kind:8s} w={workers} {label:>7s}: {r['tps']:,.0f} tok/s, {r['seconds']:.1f} s, "
@@ -131,7 +136,8 @@ def main():
     base = {(r["kind"], r["corpus"]): r["tps"] for r in rows if r["workers"] == 1}
     lines = [
         f"Corpus: `write_default_corpus` (CPython docs as JSON lines), SentencePiece BPE vocab "
-        f"{args.vocab_size}, uint16 output. Machine: {os.cpu_count()} CPU cores. "
+        f"{args.vocab_size}, uint16 output, shards of {args.shard_mb:g} MB, one SentencePiece thread per worker. "
+        f"Machine: {os.cpu_count()} CPU cores. "
         f"OWT = extrapolated wall time for OpenWebText ({OWT_TOKENS:.2e} tokens) at this rate.",
         "",
         "| pipeline | corpus | workers | tokens | seconds | tokens/s | vs 1 worker | peak RSS (MB) | OWT (h) |",

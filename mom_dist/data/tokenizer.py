@@ -62,8 +62,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Encode a list. One thread by default: a preprocessing worker is one core, so that
+        ``--workers N`` means N cores (SentencePiece would otherwise use every core per call)."""
+        return self._sp.encode(texts, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids if int(i) != self.eod])

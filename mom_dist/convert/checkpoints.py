@@ -20,6 +20,8 @@ import torch
 from mom_dist.config_utils import from_dict
 from mom_dist.model.config import ModelConfig
 
+# Where DeepSpeed's MoE checkpointing puts a pool's tensors (see PoolAsDeepSpeedMoE); group 1 is
+# the EP rank whose slice the file holds.
 EXPERT_KEY = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
 
 

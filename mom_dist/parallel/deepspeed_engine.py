@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 
 import torch
 import torch.distributed as dist
@@ -87,11 +86,10 @@ def wrap_pools_for_deepspeed(model, dims: ParallelDims) -> None:
         chunk.ffn_pool = PoolAsDeepSpeedMoE(chunk.ffn_pool, dims)
 
 
-EXPERT_KEY = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.")
-
-
 def plain_state_key(key: str) -> str:
     """Map a DeepSpeed-wrapped state-dict key back to the plain model's key."""
+    from mom_dist.convert.checkpoints import EXPERT_KEY  # the checkpoint format's one definition
+
     return EXPERT_KEY.sub(".", key)
 
 

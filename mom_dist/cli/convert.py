@@ -1,10 +1,12 @@
 """``mom-convert``: checkpoints to evaluation formats.
 
     mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
-    mom-convert to-hf SOURCE -o HF_DIR                           vanilla GPT-2 case -> transformers
+    mom-convert to-hf SOURCE -o HF_DIR                           -> transformers directory
     mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
 
-SOURCE is a run directory or an exported directory. Existing outputs are never overwritten
+SOURCE is a run directory or an exported directory. to-hf writes the vanilla GPT-2 case as a
+stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the directory (load
+with trust_remote_code=True; needs mom_dist installed). Existing outputs are never overwritten
 without --overwrite.
 """
 
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("export", help="consolidate a training checkpoint into one plain model directory")
     e.add_argument("run_dir")
     e.add_argument("--tag", default=None)
-    h = sub.add_parser("to-hf", help="write a vanilla-schedule model as a transformers GPT2LMHeadModel")
+    h = sub.add_parser("to-hf", help="write a transformers directory (GPT-2 for the vanilla case)")
     h.add_argument("source")
     f = sub.add_parser("from-hf", help="decompose a GPT-2 directory into a MoM (spec §8 phase 2)")
     f.add_argument("hf_dir")
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
         if args.cmd == "export":
             out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite)
         elif args.cmd == "to-hf":
-            out = export.export_hf_gpt2(export.load_exported(args.source), args.output, overwrite=args.overwrite)
+            out = export.export_hf(export.load_exported(args.source), args.output, overwrite=args.overwrite)
         else:
             import torch
 

@@ -3,9 +3,11 @@
     <dir>/mom_config.json    the model config (``ModelConfig`` fields)
     <dir>/model.safetensors  the plain state dict (pool tensors stacked over all modules)
 
-``export_run`` turns a training run (any layout) into one; ``load_exported`` reads it back;
-``export_hf_gpt2`` writes a vanilla-schedule MoM as a transformers ``GPT2LMHeadModel``
-directory (for GLUE/XSUM fine-tuning with stock transformers code).
+``export_run`` turns a training run (any layout) into one; ``load_exported`` reads it back.
+``export_hf`` writes a transformers directory for GLUE/XSUM fine-tuning scripts: the vanilla
+special case as a stock ``GPT2LMHeadModel``; a routed MoM as ``MoMForCausalLM``, whose code
+travels in the directory (``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``,
+with mom_dist installed).
 """
 
 from __future__ import annotations
@@ -60,17 +62,47 @@ def load_exported(path: str, dtype: torch.dtype = torch.float32) -> MoMModel:
     return model.to(dtype).eval()
 
 
+def is_vanilla(cfg: ModelConfig) -> bool:
+    """The spec §7 GPT-2 special case: every step runs module h, K=1, no SKIP."""
+    return cfg.n_attn_modules == cfg.n_ffn_modules == cfg.n_steps and all(
+        r.schedule == "diagonal" and r.top_k == 1 and not r.allow_skip for r in (cfg.attn_router, cfg.ffn_router))
+
+
+def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False) -> str:
+    """A transformers directory: GPT2LMHeadModel for the vanilla case, else MoMForCausalLM."""
+    if is_vanilla(model.cfg):
+        return export_hf_gpt2(model, out_dir, overwrite=overwrite)
+    return export_hf_mom(model, out_dir, overwrite=overwrite)
+
+
+def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False) -> str:
+    """A routed MoM as ``MoMForCausalLM`` with its code (``trust_remote_code``)."""
+    import shutil
+
+    from mom_dist.convert.hf_remote.configuration_mom import MoMConfig
+    from mom_dist.convert.hf_remote.modeling_mom import MoMForCausalLM
+
+    _refuse_existing(out_dir, overwrite)
+    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), vocab_size=model.cfg.vocab_size,
+                       auto_map={"AutoConfig": "configuration_mom.MoMConfig",
+                                 "AutoModelForCausalLM": "modeling_mom.MoMForCausalLM"})
+    hf = MoMForCausalLM(hf_cfg)
+    hf.mom.load_state_dict(model.state_dict())
+    hf.save_pretrained(out_dir)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+    for name in ("configuration_mom.py", "modeling_mom.py"):
+        shutil.copy(os.path.join(src, name), out_dir)
+    return out_dir
+
+
 def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False) -> str:
     """Write a vanilla-schedule MoM (spec §7: the GPT-2 special case) as a GPT2LMHeadModel."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.cfg
-    vanilla = all(r.schedule == "diagonal" and r.top_k == 1 and not r.allow_skip
-                  for r in (cfg.attn_router, cfg.ffn_router))
-    if not vanilla:
-        raise ValueError("only the vanilla special case (diagonal schedule, top_k=1, no SKIP) is a GPT-2; a "
-                         "routed MoM has no transformers equivalent - export it with `mom-convert export` and "
-                         "load it with mom_dist.convert.export.load_exported")
+    if not is_vanilla(cfg):
+        raise ValueError("only the vanilla special case (diagonal schedule, top_k=1, no SKIP) is a GPT-2; "
+                         "export a routed MoM with export_hf (MoMForCausalLM, trust_remote_code)")
     _refuse_existing(out_dir, overwrite)
     embed, layers = layers_from_mom(model.state_dict(), cfg)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,

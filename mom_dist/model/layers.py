@@ -39,8 +39,8 @@ def causal_attention(q_BSD: torch.Tensor, k_BLD: torch.Tensor, v_BLD: torch.Tens
     """Causal multi-head softmax attention of S queries over L = past + S keys.
 
     The S queries are the last S positions of the L keys. ``key_keep_BL`` (True = may be
-    attended) drops keys (a token's own key is always kept); ``attn_mask_BSL`` (True = masked,
-    megatron convention) adds a per-document mask. Returns (B, S, D).
+    attended) drops keys; ``attn_mask_BSL`` (True = masked, megatron convention) adds a
+    per-document or padding mask. A token's own key is always kept. Returns (B, S, D).
     """
     B, S, D = q_BSD.shape
     L = k_BLD.shape[1]
@@ -57,14 +57,16 @@ def causal_attention(q_BSD: torch.Tensor, k_BLD: torch.Tensor, v_BLD: torch.Tens
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(S, L, q.device)[None, None],
                                                  dropout_p=dropout_p)
     else:
+        # A token may always see its own key: a fully masked row (a padding query, an all-SKIP
+        # token) would otherwise give NaN, which survives a zero loss mask (NaN * 0).
+        own = torch.zeros(S, L, dtype=torch.bool, device=q.device)
+        own[torch.arange(S, device=q.device), torch.arange(L - S, L, device=q.device)] = True
         allow = _causal(S, L, q.device)[None].expand(B, S, L)
         if key_keep_BL is not None:
-            own = torch.zeros(S, L, dtype=torch.bool, device=q.device)
-            own[torch.arange(S, device=q.device), torch.arange(L - S, L, device=q.device)] = True
-            allow = allow & (key_keep_BL[:, None, :] | own[None])
+            allow = allow & key_keep_BL[:, None, :]
         if attn_mask_BSL is not None:
             allow = allow & ~attn_mask_BSL
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allow[:, None], dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(allow | own)[:, None], dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(B, S, D)
 
 

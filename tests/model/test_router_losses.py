@@ -150,3 +150,18 @@ def test_bf16_autocast_runs_and_stays_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(ids, ids).lm_loss
     assert abs(low.item() - ref.item()) < 0.05
+
+
+def test_packed_documents_with_reset_mask_equal_separate_documents():
+    # megatron's reset_attention_mask + reset_position_ids: a packed sequence of two documents
+    # gives each document the logits it has alone.
+    model = MoMModel(tiny(anchor=True)).eval()
+    a, b = torch.randint(0, V, (1, 6)), torch.randint(0, V, (1, 10))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([0] * 6 + [1] * 10)
+    mask = (doc[:, None] != doc[None, :])[None]  # True = masked (other document)
+    pos = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    with torch.no_grad():
+        out = model(packed, attention_mask_BSL=mask, position_ids_BS=pos).logits
+        torch.testing.assert_close(out[:, :6], model(a).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, 6:], model(b).logits, rtol=1e-5, atol=1e-5)

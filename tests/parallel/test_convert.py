@@ -1,5 +1,6 @@
 """Checkpoint conversion round trips: training run (EP2) -> exported model -> same numbers;
-vanilla GPT-2 case -> transformers directory -> same logits; mom-eval on indexed data."""
+vanilla GPT-2 case -> transformers GPT2LMHeadModel, routed MoM -> transformers MoMForCausalLM
+(trust_remote_code) -> same logits; mom-eval on indexed data."""
 
 import json
 import subprocess
@@ -7,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from mom_dist.convert.export import export_hf_gpt2, export_run, load_exported
+from mom_dist.convert.export import export_hf, export_hf_gpt2, export_run, load_exported
 from mom_dist.data.loader import write_token_documents
 from tests.dist_utils import ROOT, run_workers
 from tests.parallel.test_layout_invariance import BASE, CASES, params
@@ -48,14 +49,31 @@ def test_export_round_trip_keeps_every_weight_and_the_logits(tmp_path):
 def test_vanilla_run_exports_to_transformers_gpt2(tmp_path):
     run = trained(tmp_path, "vanilla", 1, VANILLA)
     model = load_exported(str(run))
-    hf_dir = export_hf_gpt2(model, str(tmp_path / "hf"))
-    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    hf_dir = export_hf(model, str(tmp_path / "hf"))
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()  # stock transformers, no remote code
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_routed_run_exports_to_transformers_with_remote_code(tmp_path):
     routed = load_exported(str(trained(tmp_path, "routed", 1, CASES["k2"])))
     with pytest.raises(ValueError, match="only the vanilla special case"):
-        export_hf_gpt2(routed, str(tmp_path / "hf2"))
+        export_hf_gpt2(routed, str(tmp_path / "gpt2"))
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(routed, str(tmp_path / "hf")), trust_remote_code=True).eval()
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, routed(ids).logits)
+        # labels follow transformers' convention (shifted inside); padding hides keys
+        out = hf(ids, labels=ids)
+        assert abs(out.loss.item() - routed(ids[:, :-1], ids[:, 1:]).lm_loss.item()) < 1e-5
+        # Left padding: padded keys are hidden (same as the model's own mask), and no NaN appears.
+        pad = torch.cat([torch.zeros(2, 4), torch.ones(2, 12)], 1).long()
+        padded = hf(ids, attention_mask=pad).logits
+        want = routed(ids, attention_mask_BSL=(pad == 0)[:, None, :].expand(-1, 16, -1)).logits
+        assert torch.isfinite(padded).all()
+        torch.testing.assert_close(padded, want)
+        assert not torch.allclose(padded[:, 4:], routed(ids).logits[:, 4:])
 
 
 def test_mom_eval_and_convert_clis(tmp_path):
@@ -68,6 +86,9 @@ def test_mom_eval_and_convert_clis(tmp_path):
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["tokens"] == 12 * 16 and 1 < res["perplexity"] < 64 * 4
-    bad = subprocess.run([sys.executable, "-m", "mom_dist.cli.convert", "to-hf", str(run), "-o", str(tmp_path / "x")],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "only the vanilla special case" in bad.stderr
+    conv = subprocess.run([sys.executable, "-m", "mom_dist.cli.convert", "to-hf", str(run), "-o", str(tmp_path / "x")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert conv.returncode == 0 and (tmp_path / "x" / "modeling_mom.py").exists(), conv.stderr
+    again = subprocess.run([sys.executable, "-m", "mom_dist.cli.convert", "to-hf", str(run), "-o", str(tmp_path / "x")],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr

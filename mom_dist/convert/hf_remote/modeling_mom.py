@@ -4,7 +4,6 @@ trust_remote_code=True)``. Needs ``mom_dist`` installed. Greedy decoding with pe
 KV caches: ``mom_dist.model.generate.generate_greedy(model.mom, ...)``.
 """
 
-import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput

@@ -92,3 +92,34 @@ def test_mom_eval_and_convert_clis(tmp_path):
     again = subprocess.run([sys.executable, "-m", "mom_dist.cli.convert", "to-hf", str(run), "-o", str(tmp_path / "x")],
                            cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_phase2_from_our_vanilla_run_and_from_hf(tmp_path):
+    from mom_dist.config import load_config
+    from mom_dist.convert.checkpoints import init_from_source
+    from mom_dist.model import MoMModel
+
+    vanilla_run = trained(tmp_path, "v", 1, VANILLA)
+    vanilla = load_exported(str(vanilla_run))
+    mom_over = BASE + ["model.n_bottom=0", "model.n_top=0", "model.n_attn_modules=2", "model.n_ffn_modules=2",
+                       "model.n_steps=3"]
+    mom = MoMModel(load_config("configs/tiny.yaml", mom_over).model)
+    init_from_source(mom, str(vanilla_run))  # decomposition: layer j -> module j of each pool
+    for j in range(2):
+        torch.testing.assert_close(mom.chunks[0].attn_pool.qkv_weight[j], vanilla.chunks[0].attn_pool.qkv_weight[j])
+        torch.testing.assert_close(mom.chunks[0].ffn_pool.fc_weight[j], vanilla.chunks[0].ffn_pool.fc_weight[j])
+    assert torch.equal(mom.ln_f.weight, vanilla.ln_f.weight)
+
+    # The trainer takes the same source (train.init_from) and trains from it.
+    res = run_workers("train_once", 1, dict(config="configs/tiny.yaml", overrides=mom_over + [
+        f"train.init_from={vanilla_run}", f"train.out_dir={tmp_path / 'p2'}", "train.steps=2"]), tmp_path)[0]
+    assert res["steps_done"] == 2 and all(l == l for l in res["losses"])
+
+    # mom-convert from-hf: a transformers GPT-2 directory -> an exported MoM
+    hf_dir = export_hf(vanilla, str(tmp_path / "hf"))
+    cmd = [sys.executable, "-m", "mom_dist.cli.convert", "from-hf", hf_dir, "--config", "configs/tiny.yaml",
+           "-o", str(tmp_path / "fromhf")] + [a for o in mom_over for a in ("--set", o)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    from_hf = load_exported(str(tmp_path / "fromhf"))
+    torch.testing.assert_close(from_hf.chunks[0].ffn_pool.proj_weight, vanilla.chunks[0].ffn_pool.proj_weight)

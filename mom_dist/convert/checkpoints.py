@@ -78,13 +78,14 @@ def init_from_source(model, source: str) -> None:
         init_mom_from_gpt2(model, source)
         return
     src_cfg, sd, _ = consolidate(source)
-    if _same_architecture(src_cfg, model.cfg):
+    if same_architecture(src_cfg, model.cfg):
         model.load_state_dict({k: v.to(model.wte.weight.dtype) for k, v in sd.items()})
     else:  # a vanilla GPT-2 trained by us: phase-2 decomposition
         init_mom_from_gpt2(model, sd, source_cfg=src_cfg)
 
 
-def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    """Same parameter shapes and names (the weights of one load into the other)."""
     keys = ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_bottom", "n_top", "n_chunks",
             "n_attn_modules", "n_ffn_modules", "anchor")
     return all(getattr(a, k) == getattr(b, k) for k in keys) and \

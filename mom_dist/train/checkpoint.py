@@ -72,8 +72,10 @@ class Checkpointer:
         for old in tags[:-self.keep_last]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
 
-    def load(self, tag: str | None = None) -> dict | None:
-        """Restore engine, schedule, RNG; return the saved mom_state (None if nothing to resume)."""
+    def load(self, model_cfg, tag: str | None = None) -> dict | None:
+        """Restore engine, schedule, RNG; return the saved mom_state (None if nothing to resume).
+        A checkpoint of another model architecture is refused before anything is loaded (a run
+        would otherwise go on to prune it)."""
         tag = tag or self.latest_tag()
         if tag is None:
             return None
@@ -84,6 +86,13 @@ class Checkpointer:
                              "checkpoint or remove it")
         with open(state_file) as f:
             state = json.load(f)
+        from mom_dist.config_utils import from_dict
+        from mom_dist.convert.checkpoints import same_architecture
+        from mom_dist.model.config import ModelConfig
+
+        if not same_architecture(from_dict(ModelConfig, state["config"]["model"], "model."), model_cfg):
+            raise ValueError(f"'{self.dir}' holds checkpoints of a different model architecture; use a new "
+                             "train.out_dir (to start from those weights, set train.init_from to that run)")
         layout = state["layout"]
         if layout["ep_size"] != self.dims.ep_size or layout["world_size"] != self.dims.world_size:
             raise ValueError(

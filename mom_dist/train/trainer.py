@@ -101,7 +101,7 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         os.makedirs(t.out_dir, exist_ok=True)
         dump_config(cfg, os.path.join(t.out_dir, "config.json"))
     ckpt = Checkpointer(t.out_dir, engine, dims, t.keep_last)
-    state = ckpt.load()
+    state = ckpt.load(cfg.model)
     start_step = state["step"] if state else 0
     consumed = state["consumed_samples"] if state else 0
     if state:

@@ -83,3 +83,13 @@ def test_routing_telemetry_is_recorded(tmp_path):
         picks = 2 * 2 * 16 * (2 if d["pool"] == "ffn" else 1)  # 2 ranks x 2 sequences x 16 tokens x K
         assert sum(d["load"]) + round(d["skip_rate"] * picks) == picks
         assert d["ep_load_max_over_mean"] >= 1.0 and d["entropy"] >= 0
+
+
+def test_deepspeed_adam_option_matches_torch_adamw(tmp_path):
+    # DeepSpeed builds its Adam (CPU: DeepSpeedCPUAdam / FusedAdam) on first use (~40 s, cached).
+    common = BASE + CASES["k1"] + [f"train.out_dir={tmp_path}/o", "train.steps=3"]
+    torch_adam = run_workers("train_once", 1, dict(config="configs/tiny.yaml", overrides=common), tmp_path)[0]
+    ds_adam = run_workers("train_once", 1, dict(config="configs/tiny.yaml", overrides=common + [
+        "train.optimizer=deepspeed_adam"]), tmp_path)[0]
+    for a, b in zip(torch_adam["losses"], ds_adam["losses"]):
+        assert abs(a - b) / a < 1e-4, (torch_adam["losses"], ds_adam["losses"])

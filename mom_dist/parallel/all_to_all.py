@@ -74,8 +74,7 @@ class DroplessPlan:
 @dataclass
 class CapacityPlan:
     local: LocalPlan  # the source-side buffer layout (rows grouped by global module)
-    valid_in: torch.Tensor  # (E*N_local*cap,) received rows that hold a real pair
-    groups: Groups
+    groups: Groups  # received rows by local module; valid_M marks the rows that hold a real pair
     n_local: int
     cap: int
 
@@ -161,7 +160,7 @@ class AllToAllDispatcher:
         ends = (torch.arange(1, n_local + 1, device=ids_TK.device) * self.E * cap).to(torch.int32)
         module_M = torch.arange(n_local, device=ids_TK.device).repeat_interleave(self.E * cap)
         groups = Groups(ends, module_M, valid_in, [self.E * cap] * n_local)
-        return CapacityPlan(local, valid_in, groups, n_local, cap)
+        return CapacityPlan(local, groups, n_local, cap)
 
     # ------------------------------------------------------------ dispatch/combine
     def dispatch(self, plan, x_TD: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     train_batches = data.train(consumed)
     preempt = PreemptionFlag()
     tokens_per_step = t.global_batch_size * t.seq_len
-    losses, last_tag, step = [], None, start_step
+    losses, last_tag, step, preempted = [], None, start_step, False
     tick, last_logged = time.time(), start_step
     while step < t.steps:
         parts = torch.zeros(4, device=device)
@@ -146,11 +146,13 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         leaving = preempted or (t.stop_after is not None and step - start_step >= t.stop_after)
         if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
             last_tag = ckpt.save(step, consumed, cfg.to_dict())
-        if leaving:
+        if leaving and dims.rank == 0:
             log(f"[mom_dist] {'preemption signal' if preempted else 'train.stop_after reached'}: "
                 f"checkpoint {last_tag} at step {step}; leaving")
+        if leaving:
             break
-    vl = evaluate(engine, data.valid(), t.eval_batches, device)
+    # A preempted job has seconds left: its checkpoint is written, skip the final evaluation.
+    vl = None if preempted else evaluate(engine, data.valid(), t.eval_batches, device)
     ppl = math.exp(min(vl, 50)) if vl is not None else None
     if vl is not None:
         metrics.write("valid", step, {"loss": vl, "ppl": ppl})

@@ -3,8 +3,8 @@
 - Module pools are presented to DeepSpeed as native MoE layers (``PoolAsDeepSpeedMoE``), so the
   engine (a) reduces module gradients over the expert-data-parallel group and the rest over the
   world, (b) keeps module parameters in their own ZeRO partitions, (c) writes one checkpoint
-  file per module, from the rank that owns it, and reads it back on any layout with the same
-  ``ep_size``.
+  file per pool and EP rank (its slice of the stacked modules), from the rank that owns it, and
+  reads it back on any layout with the same ``ep_size``.
 - ``build_ds_config`` generates the DeepSpeed config from ours and merges a user JSON over it,
   rejecting settings that contradict ours before any collective starts.
 - ``initialize`` builds the optimizer param groups (weight decay split, module groups split per
@@ -208,11 +208,6 @@ class GlobalNormClipper:
                            for p in pool.parameters()}
         self.last_norm = 0.0
 
-    def global_norm(self, module_sq: torch.Tensor, other_sq: torch.Tensor) -> torch.Tensor:
-        if self.dims.ep_group is not None and self.dims.ep_size > 1:
-            dist.all_reduce(module_sq, group=self.dims.ep_group)
-        return (module_sq + other_sq).sqrt()
-
     def clip_param_grads(self, params) -> float:
         """ZeRO 0 fp32: gradients are full and reduced on every rank."""
         grads = [(id(p), p.grad) for p in params if p.grad is not None]
@@ -225,21 +220,21 @@ class GlobalNormClipper:
                 module_sq += sq
             else:
                 other_sq += sq
-        norm = self.global_norm(module_sq, other_sq)
-        self._scale([g for _, g in grads], norm)
-        return float(norm)
-
-    def _scale(self, grads, norm):
-        self.last_norm = float(norm)
+        if self.dims.ep_group is not None and self.dims.ep_size > 1:
+            dist.all_reduce(module_sq, group=self.dims.ep_group)  # each EP rank holds other modules
+        norm = (module_sq + other_sq).sqrt()
         coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
+        for _, g in grads:
             g.mul_(coef.to(g.dtype))
+        self.last_norm = float(norm)
+        return self.last_norm
 
 
 def _install_clipping(engine, model, dims: ParallelDims) -> GlobalNormClipper:
     """ZeRO 0 in fp32: replace the engine's clipping (an average of per-rank norms) by ours.
-    ZeRO 1/2 and the bf16 optimizers compute the global norm correctly (module groups summed over
-    every rank's partition), and keep DeepSpeed's clipping; a test checks every path."""
+    ZeRO 1/2 compute the global norm correctly (module groups summed over every rank's
+    partition) and keep DeepSpeed's clipping; the layout-invariance tests cover ZeRO 0/1/2 in
+    fp32 with clipping active. The bf16 optimizers keep DeepSpeed's own norm."""
     clipper = GlobalNormClipper(model, dims, engine.gradient_clipping())
     if not engine.zero_optimization() and not engine.bfloat16_enabled():
         engine.clip_fp32_gradients = lambda: clipper.clip_param_grads(engine.module.parameters())

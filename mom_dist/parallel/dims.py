@@ -42,10 +42,6 @@ class ParallelDims:
         return f"ep_size_{self.ep_size}"  # DeepSpeed's name for these groups
 
 
-def single_process_dims() -> ParallelDims:
-    return ParallelDims(1, 0, 1, None, None, None)
-
-
 def build_parallel_dims(ep_size: int) -> ParallelDims:
     """Create (or reuse) DeepSpeed's expert and data parallel groups for ``ep_size``.
 

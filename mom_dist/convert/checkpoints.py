@@ -87,7 +87,7 @@ def init_from_source(model, source: str) -> None:
 def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     """Same parameter shapes and names (the weights of one load into the other)."""
     keys = ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_bottom", "n_top", "n_chunks",
-            "n_attn_modules", "n_ffn_modules", "anchor")
+            "n_attn_modules", "n_ffn_modules", "anchor", "router_bias")
     return all(getattr(a, k) == getattr(b, k) for k in keys) and \
         (a.attn_router.kind, a.attn_router.dim, a.ffn_router.kind, a.ffn_router.dim) == \
         (b.attn_router.kind, b.attn_router.dim, b.ffn_router.kind, b.ffn_router.dim)

@@ -20,6 +20,11 @@ SCHEDULES = ("free", "diagonal")
 # raw: the raw top-K probabilities are the weights (forward and backward).
 WEIGHTINGS = ("straight_through", "renorm", "raw")
 BALANCE_MODES = ("pooled", "depthwise")
+# mean: each router's balance loss (chunk x {attn, ffn}, over its own steps) averaged over routers.
+# release: the authors' reduction - attention loss + FFN loss (a sum), each over the steps of all
+#   chunks together (pooled) or averaged over all chunks' steps (depthwise); so balance_coef means
+#   what the release's router_aux_loss_coef means.
+BALANCE_REDUCTIONS = ("mean", "release")
 
 
 @dataclass
@@ -64,6 +69,8 @@ class ModelConfig:
     balance_coef: float = 0.01
     balance_mode: str = "pooled"  # pooled over all steps (reference) | depthwise (per step)
     balance_double_softmax: bool = False  # reproduce the reference's second softmax (weaker loss)
+    balance_reduction: str = "mean"  # mean over routers | release (attn + FFN sum, pooled across chunks)
+    router_bias: bool = False  # GRU routers' output layer gets a bias (head_bias), as in the release
     z_loss_coef: float = 0.0
     activation_checkpointing: bool = False  # recompute blocks, module compute and attention in backward
     grouped_gemm: str = "auto"  # auto | on | off: torch._grouped_mm for module pools
@@ -96,6 +103,7 @@ class ModelConfig:
               f"pick n_heads in {[h for h in range(1, 65) if self.d_model % h == 0]}")
         check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         check_choice(self.balance_mode, BALANCE_MODES, "model.balance_mode")
+        check_choice(self.balance_reduction, BALANCE_REDUCTIONS, "model.balance_reduction")
         check_choice(self.grouped_gemm, ("auto", "on", "off"), "model.grouped_gemm")
         check(self.balance_coef >= 0 and self.z_loss_coef >= 0, "model.balance_coef and model.z_loss_coef must be >= 0")
         for name, router, pool in (("attn_router", self.attn_router, self.n_attn_modules),

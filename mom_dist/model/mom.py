@@ -61,8 +61,8 @@ class MoMChunk(nn.Module):
         grouped = cfg.grouped_gemm != "off"
         self.attn_pool = AttentionPool(cfg.n_attn_modules, cfg.d_model, cfg.layer_norm_eps, grouped)
         self.ffn_pool = FFNPool(cfg.n_ffn_modules, cfg.d_model, cfg.layer_norm_eps, grouped)
-        self.attn_router = Router(cfg.attn_router, cfg.d_model, cfg.n_classes, cfg.n_attn_modules)
-        self.ffn_router = Router(cfg.ffn_router, cfg.d_model, cfg.n_classes, cfg.n_ffn_modules)
+        self.attn_router = Router(cfg.attn_router, cfg.d_model, cfg.n_classes, cfg.n_attn_modules, cfg.router_bias)
+        self.ffn_router = Router(cfg.ffn_router, cfg.d_model, cfg.n_classes, cfg.n_ffn_modules, cfg.router_bias)
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x_BSD, caches: list[LayerCache] | None = None, attn_mask_BSL=None):
@@ -178,16 +178,24 @@ class MoMModel(nn.Module):
         return block(x, cache, attn_mask)
 
     def router_losses(self, routing: list[RoutingRecord]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balance and z-loss, each averaged over the routers (chunks x {attn, ffn})."""
-        bal, z = [], []
-        for c in range(self.cfg.n_chunks):
-            for pool in ("attn", "ffn"):
-                recs = [r for r in routing if r.chunk == c and r.pool == pool]
-                bal.append(losses.balance_loss([r.probs_TC for r in recs], [r.ids_TK[:, 0] for r in recs],
-                                               depthwise=self.cfg.balance_mode == "depthwise",
-                                               double_softmax=self.cfg.balance_double_softmax))
-                z.append(losses.router_z_loss([r.logits_TC for r in recs]))
-        return torch.stack(bal).mean(), torch.stack(z).mean()
+        """Balance and z-loss. z: averaged over the routers (chunks x {attn, ffn}). Balance, by
+        ``balance_reduction``: ``mean`` averages the routers' losses (each over its own chunk's
+        steps); ``release`` sums the attention and FFN losses, each over all chunks' steps."""
+        cfg = self.cfg
+
+        def bal(recs):
+            return losses.balance_loss([r.probs_TC for r in recs], [r.ids_TK[:, 0] for r in recs],
+                                       depthwise=cfg.balance_mode == "depthwise",
+                                       double_softmax=cfg.balance_double_softmax)
+
+        per_router = [[r for r in routing if r.chunk == c and r.pool == pool]
+                      for c in range(cfg.n_chunks) for pool in ("attn", "ffn")]
+        z = torch.stack([losses.router_z_loss([r.logits_TC for r in recs]) for recs in per_router]).mean()
+        if cfg.balance_reduction == "release":
+            balance = sum(bal([r for r in routing if r.pool == pool]) for pool in ("attn", "ffn"))
+        else:
+            balance = torch.stack([bal(recs) for recs in per_router]).mean()
+        return balance, z
 
     def num_parameters(self, *, modules_only: bool = False) -> int:
         if modules_only:

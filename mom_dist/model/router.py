@@ -1,7 +1,7 @@
 """Routers (spec §4): per token and routing step, pick top-K of N modules + SKIP.
 
 The GRU router keeps a per-token recurrent state across its chunk's H steps, so a pick depends
-on the earlier picks; the MLP router is stateless. Scores are ``softmax(logits / tau)`` over
+on the earlier picks; the MLP router is stateless. Scores are ``softmax((W_o h + b_o) / tau)`` (b_o: ``head_bias``, optional for the GRU router) over
 ``C = max(N_A, N_F) + 1`` classes: class c < N picks module c, every other class is SKIP.
 Disallowed classes (SKIP when ``allow_skip`` is off, other modules under the diagonal schedule)
 get probability exactly 0.
@@ -28,12 +28,15 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: RouterConfig, d_model: int, n_classes: int, n_modules: int):
+    def __init__(self, cfg: RouterConfig, d_model: int, n_classes: int, n_modules: int, bias: bool = False):
         super().__init__()
         self.cfg, self.n_classes, self.n_modules = cfg, n_classes, n_modules
         if cfg.kind == "gru":
             self.cell = nn.GRUCell(d_model, cfg.dim)
             self.head = nn.Linear(cfg.dim, n_classes, bias=False)  # W_o
+            # b_o (model.router_bias): the release's output layer has one; zero at initialisation,
+            # so it only matters for trained weights (imported checkpoints).
+            self.head_bias = nn.Parameter(torch.zeros(n_classes)) if bias else None
         else:
             self.hidden = nn.Linear(d_model, cfg.dim)
             self.head = nn.Linear(cfg.dim, n_classes)
@@ -58,6 +61,8 @@ class Router(nn.Module):
             if self.cfg.kind == "gru":
                 state_TR = self.cell(x_TD.to(dtype), state_TR)
                 scores = self.head(state_TR)
+                if self.head_bias is not None:
+                    scores = scores + self.head_bias
             else:
                 scores = self.head(F.relu(self.hidden(x_TD.to(dtype))))
         logits = scores.float() / self.cfg.temperature

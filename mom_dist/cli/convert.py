@@ -3,11 +3,14 @@
     mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
     mom-convert to-hf SOURCE -o HF_DIR                           -> transformers directory
     mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
+    mom-convert from-release SRC OUT_DIR                         the authors' release -> our format
 
 SOURCE is a run directory or an exported directory. to-hf writes the vanilla GPT-2 case as a
 stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the directory (load
 with trust_remote_code=True; needs mom_dist installed). Existing outputs are never overwritten
-without --overwrite.
+without --overwrite. from-release reads a GPT2MoTLMHeadModel save_pretrained directory
+(config.json + model.safetensors or pytorch_model.bin) and writes an exported directory (what
+mom-eval, mom-finetune and train.init_from read) with the release's loss settings.
 """
 
 from __future__ import annotations
@@ -32,12 +35,19 @@ def main(argv=None) -> int:
     for p in (e, h, f):
         p.add_argument("-o", "--output", required=True)
         p.add_argument("--overwrite", action="store_true")
+    r = sub.add_parser("from-release", help="import a checkpoint of the authors' release (GPT2MoTLMHeadModel)")
+    r.add_argument("src")
+    r.add_argument("output")
+    r.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
     from mom_dist.convert import export
 
     try:
-        if args.cmd == "export":
+        if args.cmd == "from-release":
+            from mom_dist.convert.release import import_release
+            out = import_release(args.src, args.output, overwrite=args.overwrite)
+        elif args.cmd == "export":
             out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite)
         elif args.cmd == "to-hf":
             out = export.export_hf(export.load_exported(args.source), args.output, overwrite=args.overwrite)

@@ -70,14 +70,20 @@ def _expected_keys(mcfg: ModelConfig) -> set:
 
 
 def init_from_source(model, source: str) -> None:
-    """Initialise ``model`` from a trainer checkpoint or a Hugging Face GPT-2 directory."""
+    """Initialise ``model`` from a trainer checkpoint, an exported directory or a Hugging Face GPT-2
+    directory."""
     from mom_dist.convert.gpt2 import init_mom_from_gpt2
 
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
+    if os.path.exists(os.path.join(source, "mom_config.json")):  # an exported directory (export, from-release)
+        from mom_dist.convert.export import load_exported
+        exported = load_exported(source)
+        src_cfg, sd = exported.cfg, exported.state_dict()
+    elif os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
             not os.path.exists(os.path.join(source, "checkpoints")):
         init_mom_from_gpt2(model, source)
         return
-    src_cfg, sd, _ = consolidate(source)
+    else:
+        src_cfg, sd, _ = consolidate(source)
     if same_architecture(src_cfg, model.cfg):
         model.load_state_dict({k: v.to(model.wte.weight.dtype) for k, v in sd.items()})
     else:  # a vanilla GPT-2 trained by us: phase-2 decomposition

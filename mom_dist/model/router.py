@@ -1,7 +1,8 @@
 """Routers (spec §4): per token and routing step, pick top-K of N modules + SKIP.
 
 The GRU router keeps a per-token recurrent state across its chunk's H steps, so a pick depends
-on the earlier picks; the MLP router is stateless. Scores are ``softmax((W_o h + b_o) / tau)`` (b_o: ``head_bias``, optional for the GRU router) over
+on the earlier picks; the MLP router is stateless. Scores are ``softmax((W_o h + b_o) / tau)``
+(b_o: the GRU router's optional ``head_bias``, ``model.router_bias``) over
 ``C = max(N_A, N_F) + 1`` classes: class c < N picks module c, every other class is SKIP.
 Disallowed classes (SKIP when ``allow_skip`` is off, other modules under the diagonal schedule)
 get probability exactly 0.

@@ -44,12 +44,13 @@ class RoutingRecord:
 
 @dataclass
 class MoMOutput:
-    logits: torch.Tensor  # (B, S, V)
+    logits: torch.Tensor | None  # (B, S, V); None when called with hidden_only
     loss: torch.Tensor | None = None  # lm + balance_coef * balance + z_loss_coef * z
     lm_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     routing: list[RoutingRecord] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # (B, S, D) after the final LayerNorm (only with hidden_only)
 
 
 class MoMChunk(nn.Module):
@@ -140,7 +141,10 @@ class MoMModel(nn.Module):
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None = None, *,
                 loss_mask_BS: torch.Tensor | None = None, position_ids_BS: torch.Tensor | None = None,
-                attention_mask_BSL: torch.Tensor | None = None, cache: ModelCache | None = None) -> MoMOutput:
+                attention_mask_BSL: torch.Tensor | None = None, cache: ModelCache | None = None,
+                hidden_only: bool = False) -> MoMOutput:
+        """``hidden_only``: return the final hidden states instead of the vocabulary logits (task
+        heads, e.g. sequence classification, skip the LM head)."""
         cfg = self.cfg
         B, S = input_ids_BS.shape
         past = len(cache) if cache is not None else 0
@@ -160,6 +164,10 @@ class MoMModel(nn.Module):
                 x = self._block(self.anchors[c], x, cache.anchors[c] if cache is not None else None, attention_mask_BSL)
         for i, block in enumerate(self.top):
             x = self._block(block, x, cache.top[i] if cache is not None else None, attention_mask_BSL)
+        if hidden_only:
+            if labels_BS is not None:
+                raise ValueError("hidden_only returns no logits, so it takes no labels")
+            return MoMOutput(logits=None, routing=routing, hidden=self.ln_f(x))
         logits = F.linear(self.ln_f(x), self.wte.weight)
         out = MoMOutput(logits=logits, routing=routing)
         if labels_BS is not None:

@@ -1,0 +1,1 @@
+"""Downstream evaluation: fine-tuning on GLUE/XSUM-style tasks (``mom-finetune``)."""

@@ -16,11 +16,13 @@ setup(
     # CPU machines; install it first (requirements-cpu.txt pins the tested CPU stack).
     install_requires=["deepspeed>=0.19", "megatron-core>=0.16", "datasets", "sentencepiece", "numpy", "pyyaml",
                       "tqdm", "zstandard", "safetensors"],
-    extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"]},
+    extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"],
+                    "finetune": ["rouge-score==0.1.2"]},
     entry_points={"console_scripts": [
         "mom-train = mom_dist.cli.train:main",
         "mom-preprocess = mom_dist.cli.preprocess:main",
         "mom-convert = mom_dist.cli.convert:main",
         "mom-eval = mom_dist.cli.evaluate:main",
+        "mom-finetune = mom_dist.cli.finetune:main",
     ]},
 )

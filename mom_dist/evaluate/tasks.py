@@ -109,13 +109,16 @@ def read_rows(path: str, fields: list[str], what: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error says it; no log spew
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never reach for the hub
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
     with tempfile.TemporaryDirectory(prefix="mom_finetune_") as cache:  # no shared HF cache, no stale copies
         try:
             ds = datasets.load_dataset(BUILDERS[ext], data_files=path, split="train", cache_dir=cache, **kwargs)
-        except Exception as e:  # datasets raises many types for malformed files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        except Exception as e:  # datasets raises many types for malformed files; the root cause says most
+            while (e.__cause__ or e.__context__) is not None:
+                e = e.__cause__ or e.__context__
+            first = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
             raise ValueError(f"cannot read {what} file '{path}' as {BUILDERS[ext]}: {first}")
         missing = [f for f in fields if f not in ds.column_names]
         if missing:

@@ -1,0 +1,185 @@
+"""mom-finetune (issue 10): learning on a separable task, layout invariance of the fine-tuning
+losses (one process vs two processes with EP2, real gloo), metrics against scikit-learn/scipy
+and rouge-score, batched generation against unbatched greedy decoding, and the error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mom_dist.parallel.local_launch import REPO, RankFailure, rank_env, run_ranks
+from tests.evaluate import fixtures as fx
+
+WORKERS = os.path.join(REPO, "tests", "evaluate", "finetune_workers.py")
+SMALL = ["train.seq_len=24", "train.global_batch_size=8", "train.micro_batch_size=4", "train.lr=3e-3",
+         "train.warmup_steps=5", "train.log_interval=1000"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("finetune")
+
+
+def test_cli_fine_tunes_a_separable_task_well_above_chance(root, tmp_path):
+    src = fx.exported_model(root)
+    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.classification_rows(400, seed=1))
+    dev = fx.write_jsonl(tmp_path / "dev.jsonl", fx.classification_rows(200, seed=2))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mom_dist.cli.finetune", src, "--task", "sst2", "--train", train, "--eval", dev,
+           "-o", str(out), "--set", "train.steps=200", *[a for s in SMALL for a in ("--set", s)]]
+    env = rank_env(0, 1, 0)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k)  # a plain one-process launch, as a user types it
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "eval_results.json").read_text())
+    assert res["n_eval"] == 200 and res["steps"] == 200
+    assert res["metrics"]["accuracy"] >= 0.9, res["metrics"]  # chance is 0.5
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 200 and sum(p["prediction"] == p["label"] for p in preds) / 200 == res["metrics"]["accuracy"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["task_loss"] for r in lines if r["kind"] == "finetune"]
+    assert train_losses[-1] < 0.5 * train_losses[0]
+    # the fine-tuned backbone is an exported directory
+    from mom_dist.convert.export import load_exported
+    assert load_exported(str(out / "model")).cfg.d_model == fx.MODEL["d_model"]
+    assert "mom-finetune: done: accuracy" in proc.stdout
+
+
+def _runs(root, tmp_path, layout: str, overrides: list) -> list[dict]:
+    cls_train = fx.write_jsonl(tmp_path / "pairs.jsonl", fx.pair_rows(40, seed=3))
+    cls_dev = fx.write_jsonl(tmp_path / "pairs_dev.jsonl", fx.pair_rows(12, seed=4))
+    sum_train = fx.write_jsonl(tmp_path / "sum.jsonl", fx.summary_rows(40, seed=5))
+    sum_dev = fx.write_jsonl(tmp_path / "sum_dev.jsonl", fx.summary_rows(6, seed=6))
+    common = SMALL + ["train.steps=4", "train.grad_clip=0.05", "model.dropout=0.0"] + overrides
+    return [dict(name="mrpc", preset="mrpc", task=dict(train_file=cls_train, eval_file=cls_dev),
+                 out=str(tmp_path / f"mrpc_{layout}"), overrides=common),
+            dict(name="xsum", preset="xsum", task=dict(train_file=sum_train, eval_file=sum_dev, max_target_len=4,
+                                                       max_new_tokens=4, eval_batch_size=4),
+                 out=str(tmp_path / f"xsum_{layout}"), overrides=common)]
+
+
+def test_fine_tuning_losses_do_not_depend_on_the_layout(root, tmp_path):
+    src = fx.exported_model(root)
+    one = run_ranks(WORKERS, "finetune_runs", 1, dict(source=src, runs=_runs(root, tmp_path, "w1", [])), tmp_path)[0]
+    ep2 = run_ranks(WORKERS, "finetune_runs", 2,
+                    dict(source=src, runs=_runs(root, tmp_path, "ep2", ["parallel.ep_size=2", "parallel.zero_stage=2"])),
+                    tmp_path)
+    assert ep2[0] == ep2[1]  # every rank reports the same numbers
+    for name in ("mrpc", "xsum"):
+        a, b = one[name]["train_losses"], ep2[0][name]["train_losses"]
+        assert len(a) == len(b) == 4
+        rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+        assert rel <= 1e-5, (name, a, b)
+        assert a[-1] != a[0]  # it trained
+        assert one[name]["predictions"] == ep2[0][name]["predictions"]
+        for k, v in one[name]["metrics"].items():
+            assert ep2[0][name]["metrics"][k] == pytest.approx(v, abs=1e-9)
+    assert set(one["xsum"]["metrics"]) == {"rouge1", "rouge2", "rougeL"}
+    assert set(one["mrpc"]["metrics"]) == {"accuracy", "f1"}
+
+
+def test_metrics_match_scikit_learn_scipy_and_rouge_score():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    from mom_dist.evaluate import tasks as T
+
+    g = torch.Generator().manual_seed(0)
+    for n_classes in (2, 3):
+        gold = torch.randint(0, n_classes, (200,), generator=g).tolist()
+        pred = [x if torch.rand(1, generator=g).item() < 0.7 else (x + 1) % n_classes for x in gold]
+        assert T.accuracy(pred, gold) == pytest.approx(sklearn_metrics.accuracy_score(gold, pred))
+        assert T.matthews_correlation(pred, gold) == pytest.approx(sklearn_metrics.matthews_corrcoef(gold, pred))
+        if n_classes == 2:
+            assert T.f1(pred, gold) == pytest.approx(sklearn_metrics.f1_score(gold, pred))
+    x = torch.randn(100, generator=g)
+    y = (x + 0.5 * torch.randn(100, generator=g)).round(decimals=1)  # ties in the ranks
+    assert T.pearson(x.tolist(), y.tolist()) == pytest.approx(stats.pearsonr(x.numpy(), y.numpy())[0])
+    assert T.spearmanr(x.tolist(), y.tolist()) == pytest.approx(stats.spearmanr(x.numpy(), y.numpy())[0])
+    from rouge_score import rouge_scorer
+
+    preds, refs = ["the cat sat on mats", "dogs running fast"], ["the cat sat on the mat", "a dog runs fast"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    want = {t: sum(scorer.score(r, p)[t].fmeasure for p, r in zip(preds, refs)) / 2 for t in ("rouge1", "rouge2", "rougeL")}
+    assert T.rouge(preds, refs) == pytest.approx(want)
+    assert T.rouge(["dog runs"], ["dogs running"])["rouge1"] == 1.0  # stemmed, as XSUM papers score
+
+
+def test_batched_generation_equals_greedy_decoding_of_each_prompt():
+    from mom_dist.evaluate.generate import greedy_batch
+    from mom_dist.model import ModelConfig, MoMModel, RouterConfig
+    from mom_dist.model.generate import generate_greedy
+
+    r = RouterConfig(kind="gru", dim=8, top_k=2, temperature=1.0)
+    model = MoMModel(ModelConfig(vocab_size=30, max_seq_len=32, d_model=16, n_heads=2, n_bottom=1, n_top=1,
+                                 n_attn_modules=2, n_ffn_modules=3, n_steps=2, anchor=True, attn_router=r,
+                                 ffn_router=r)).eval()
+    prompts = [torch.randint(1, 30, (n,)).tolist() for n in (3, 7, 5, 1)]
+    eod = 0
+    got = greedy_batch(model, prompts, 8, eod)
+    for p, g in zip(prompts, got):
+        full = generate_greedy(model, torch.tensor([p]), 8)[0, len(p):].tolist()
+        want = full[:full.index(eod)] if eod in full else full
+        assert g == want
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unknown preset", "unknown task preset 'sst3'"),
+    ("missing field", "has no field 'sentence' (its fields: text, label)"),
+    ("bad file", "cannot read training file"),
+    ("missing file", "does not exist"),
+    ("unknown format", "unknown format '.txt'"),
+    ("string label", "is not a class id in [0, 2)"),
+    ("bad source", "is not a directory"),
+    ("wrong tokenizer", "not the model's tokenizer"),
+    ("architecture override", "not the architecture"),
+])
+def test_input_errors_are_one_line_and_exit_2(root, tmp_path, capsys, case, message):
+    from mom_dist.cli.finetune import main
+
+    src = fx.exported_model(root)
+    good = fx.write_jsonl(tmp_path / "good.jsonl", fx.classification_rows(10, seed=0))
+    argv = [src, "--task", "sst2", "--train", good, "--eval", good, "-o", str(tmp_path / "out")]
+    if case == "unknown preset":
+        argv[2] = "sst3"
+    elif case == "missing field":
+        argv[4] = fx.write_jsonl(tmp_path / "other.jsonl", [{"text": "a b", "label": 1}])
+    elif case == "bad file":
+        (tmp_path / "bad.json").write_text('{"sentence": "a", "label": 1}\n{not json')
+        argv[4] = str(tmp_path / "bad.json")
+    elif case == "missing file":
+        argv[4] = str(tmp_path / "nowhere.jsonl")
+    elif case == "unknown format":
+        (tmp_path / "data.txt").write_text("a b c\n")
+        argv[4] = str(tmp_path / "data.txt")
+    elif case == "string label":
+        argv[6] = fx.write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": 1}, {"sentence": "b", "label": 7}])
+    elif case == "bad source":
+        argv[0] = str(tmp_path / "no_model")
+    elif case == "wrong tokenizer":
+        argv[0] = fx.exported_model(root, "small_vocab", vocab_size=300)
+    elif case == "architecture override":
+        argv += ["--set", "model.d_model=64"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mom-finetune: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_never_overwritten(root, tmp_path, capsys):
+    from mom_dist.cli.finetune import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_results.json").write_text("earlier results")
+    good = fx.write_jsonl(tmp_path / "good.jsonl", fx.classification_rows(10, seed=0))
+    assert main([fx.exported_model(root), "--task", "sst2", "--train", good, "--eval", good, "-o", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (out / "eval_results.json").read_text() == "earlier results"

@@ -253,7 +253,7 @@ def finetune(prepared: Prepared, *, log=print) -> dict:
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
     metrics = MetricsWriter(prepared.out_dir, dims.rank == 0, t.tensorboard)
     batches = micro_batches(prepared.train, cfg, task, dims, prepared.eod, ga)
-    losses, tick = [], time.time()
+    losses, tick, last_logged = [], time.time(), 0
     for step in range(1, t.steps + 1):
         parts = torch.zeros(4, device=device)
         for _ in range(ga):
@@ -267,12 +267,12 @@ def finetune(prepared: Prepared, *, log=print) -> dict:
         if step % t.log_interval == 0 or step in (1, t.steps):
             v = {"loss": parts[0].item(), "task_loss": parts[1].item(), "balance_loss": parts[2].item(),
                  "z_loss": parts[3].item(), "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine, clipper),
-                 "steps_per_s": t.log_interval / max(time.time() - tick, 1e-9) if step > 1 else 0.0}
+                 "steps_per_s": (step - last_logged) / max(time.time() - tick, 1e-9)}
             metrics.write("finetune", step, v)
             if dims.rank == 0:
                 log(f"[finetune] step {step:>5}/{t.steps} | loss {v['loss']:.4f} | task {v['task_loss']:.4f} | "
                     f"balance {v['balance_loss']:.4f} | lr {v['lr']:.2e}")
-            tick = time.time()
+            tick, last_logged = time.time(), step
     plain = gather_plain(engine.module, prepared, dims, device)
     result = evaluate(plain, prepared, dims, device, log)
     result.update(steps=t.steps, train_losses=losses, final_train_loss=losses[-1] if losses else None)

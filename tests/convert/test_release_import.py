@@ -275,3 +275,21 @@ def test_unreadable_sources_and_existing_outputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("mom-convert: error: ") and message in err, err
     assert (out / "keep.txt").read_text() == "user data" and sorted(os.listdir(out)) == ["keep.txt"]
+
+
+def test_imported_directory_starts_a_training_run(tmp_path):
+    # train.init_from takes an exported directory (the trainer calls init_from_source)
+    from mom_dist.config import load_config
+    from mom_dist.convert.checkpoints import init_from_source
+    from mom_dist.model import MoMModel
+
+    rc = release_config()
+    src = write_release(tmp_path / "release", rc, release_state_dict(rc))
+    assert convert_main(["from-release", src, str(tmp_path / "ours")]) == 0
+    imported = load_exported(str(tmp_path / "ours"))
+    cfg = load_config(None, [f"model={json.dumps(json.loads((tmp_path / 'ours' / 'mom_config.json').read_text()))}",
+                             "train.seq_len=16"])
+    model = MoMModel(cfg.model)
+    init_from_source(model, str(tmp_path / "ours"))
+    for (n, p), q in zip(model.state_dict().items(), imported.state_dict().values()):
+        assert torch.equal(p, q), n

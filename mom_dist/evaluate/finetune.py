@@ -251,6 +251,8 @@ def finetune(prepared: Prepared, *, log=print) -> dict:
     apply_expert_parallel(model, dims, p.capacity_factor if p.dispatcher == "capacity" else None)
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
+    if dims.rank == 0 and os.path.exists(os.path.join(prepared.out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(prepared.out_dir, "metrics.jsonl"))  # --overwrite: not appended to an old run's
     metrics = MetricsWriter(prepared.out_dir, dims.rank == 0, t.tensorboard)
     batches = micro_batches(prepared.train, cfg, task, dims, prepared.eod, ga)
     losses, tick, last_logged = [], time.time(), 0

@@ -69,8 +69,11 @@ def main(argv=None) -> int:
     except (ValueError, LaunchError) as e:
         print(f"mom-finetune: error: {e}", file=sys.stderr)
         shutdown(BAD_INPUT)
-    print("mom-finetune: done: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
-          + f"; results in {args.output}/eval_results.json", flush=True)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:  # the done line once, from rank 0
+        print("mom-finetune: done: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+              + f"; results in {args.output}/eval_results.json", flush=True)
     shutdown(FINISHED)
 
 

@@ -65,6 +65,7 @@ class TaskModel(nn.Module):
         super().__init__()
         self.mom, self.kind = mom, kind
         self.score = None
+        assert kind != "regression" or num_labels == 1, "a regression head has one output"
         if kind != "summarization":  # GPT-2's sequence-classification head: no bias
             self.score = nn.Linear(mom.cfg.d_model, num_labels, bias=False)
             nn.init.normal_(self.score.weight, 0.0, init_std)

@@ -183,3 +183,60 @@ def test_existing_output_is_never_overwritten(root, tmp_path, capsys):
     assert main([fx.exported_model(root), "--task", "sst2", "--train", good, "--eval", good, "-o", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (out / "eval_results.json").read_text() == "earlier results"
+
+
+def _task_model(kind, num_labels=3):
+    from mom_dist.evaluate.finetune import TaskModel
+    from mom_dist.model import ModelConfig, MoMModel, RouterConfig
+
+    r = RouterConfig(kind="gru", dim=8, top_k=2, temperature=0.5)
+    mom = MoMModel(ModelConfig(vocab_size=40, max_seq_len=16, d_model=16, n_heads=2, n_attn_modules=2,
+                               n_ffn_modules=3, n_steps=2, attn_router=r, ffn_router=r, balance_coef=0.3,
+                               z_loss_coef=0.2))
+    return TaskModel(mom, kind, num_labels)
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_task_loss_keeps_balance_and_z_losses_and_ignores_padding(kind):
+    from mom_dist.evaluate.finetune import collate
+    from mom_dist.evaluate.tasks import Example, TaskConfig
+
+    model = _task_model(kind, 3 if kind == "classification" else 1).eval()
+    task = TaskConfig(kind=kind, train_file="x", eval_file="y", text_fields=["a"], num_labels=3)
+    task.validate()
+    g = torch.Generator().manual_seed(1)
+    examples = [Example(torch.randint(2, 40, (n,), generator=g).tolist(),
+                        label=(i % 3) if kind == "classification" else 0.5 * i) for i, n in enumerate((5, 9, 3))]
+    batch = collate(examples, task, 12, pad=1)
+    out = model(**batch)
+    # by hand: the score of each sequence's last real token, then the model's router losses
+    hidden = model.mom(batch["tokens_BS"], hidden_only=True)
+    pooled = hidden.hidden[torch.arange(3), torch.tensor([4, 8, 2])]
+    scores = pooled @ model.score.weight.T
+    if kind == "classification":
+        task_loss = torch.nn.functional.cross_entropy(scores, batch["labels"])
+    else:
+        task_loss = torch.nn.functional.mse_loss(scores.squeeze(-1), batch["labels"])
+    bal, z = model.mom.router_losses(hidden.routing)
+    torch.testing.assert_close(out.loss, task_loss + 0.3 * bal + 0.2 * z)
+    assert float(bal) > 0 and float(z) > 0
+    # right padding never reaches the scored token (causal attention): each example alone scores the same
+    for i, ex in enumerate(examples):
+        alone = model(**collate([ex], task, len(ex.ids), pad=1)).scores
+        torch.testing.assert_close(alone[0], out.scores[i], rtol=1e-5, atol=1e-6)
+
+
+def test_tokenizer_is_found_next_to_the_model_or_in_the_run_config(tmp_path):
+    from mom_dist.evaluate.finetune import _find_tokenizer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tok = tmp_path / "corpus.model"
+    tok.write_bytes(b"x")
+    (run / "config.json").write_text(json.dumps({"data": {"tokenizer_model": str(tok)}}))
+    assert _find_tokenizer(str(run), None) == str(tok)
+    (run / "tokenizer.model").write_bytes(b"x")
+    assert _find_tokenizer(str(run), None) == str(run / "tokenizer.model")
+    assert _find_tokenizer(str(run), "given.model") == "given.model"
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        _find_tokenizer(str(tmp_path), None)

@@ -15,12 +15,14 @@ setup(
     # torch is deliberately not pinned here: a loose torch requirement pulls a CUDA build onto
     # CPU machines; install it first (requirements-cpu.txt pins the tested CPU stack).
     install_requires=["deepspeed>=0.19", "megatron-core>=0.16", "datasets", "sentencepiece", "numpy", "pyyaml",
-                      "tqdm", "zstandard", "safetensors"],
+                      "tqdm", "zstandard", "safetensors",
+                      "matplotlib"],
     extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"]},
     entry_points={"console_scripts": [
         "mom-train = mom_dist.cli.train:main",
         "mom-preprocess = mom_dist.cli.preprocess:main",
         "mom-convert = mom_dist.cli.convert:main",
         "mom-eval = mom_dist.cli.evaluate:main",
+        "mom-report = mom_dist.cli.report:main",
     ]},
 )

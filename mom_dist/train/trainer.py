@@ -26,6 +26,7 @@ from mom_dist.parallel import deepspeed_engine
 from mom_dist.parallel.dims import build_parallel_dims
 from mom_dist.parallel.expert_parallel import apply_expert_parallel
 from mom_dist.parallel.runtime import init_distributed
+from mom_dist.quiet import drop_stdout_lines
 from mom_dist.train.checkpoint import Checkpointer, PreemptionFlag
 from mom_dist.train.data import build_data
 from mom_dist.train.metrics import ETA, MetricsWriter, eval_progress, progress_line
@@ -82,7 +83,8 @@ def evaluate(engine, batches, n_batches: int, device) -> float | None:
 
 def train(cfg: Config, *, log=print) -> TrainResult:
     t, p = cfg.train, cfg.parallel
-    init_distributed(p.backend)
+    with drop_stdout_lines():  # DeepSpeed's 'op built successfully' print, every CPU rank
+        init_distributed(p.backend)
     dims = build_parallel_dims(p.ep_size)
     device = _device()
     data = build_data(cfg, dims)  # validates data vs model: fails here, before the engine exists

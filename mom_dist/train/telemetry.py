@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mom_dist.host_sync import to_host_list
+
 
 def _dispatchers(model):
     return [c.dispatcher for c in model.chunks]
@@ -85,7 +87,7 @@ class StepTelemetry:
         flat = torch.cat([self.acc, a2a])
         if dist.is_initialized() and dims.world_size > 1:
             dist.all_reduce(flat)
-        v = flat.tolist()  # the one host read
+        v = to_host_list(flat)  # the one host read
         detail, pos = [], 0
         for chunk, step, pool, n_modules, C, K in self.rows:
             hist, (entropy_sum, dropped, tokens) = v[pos:pos + C], v[pos + C:pos + C + 3]

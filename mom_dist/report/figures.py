@@ -82,7 +82,7 @@ def load_matrix(rec: dict, chunk: int, pool: str) -> tuple[np.ndarray, int] | No
     """(modules + 1 SKIP row) x routing steps, share of each routing step's picks."""
     rows = sorted((d for d in rec.get("detail", []) if d["chunk"] == chunk and d["pool"] == pool),
                   key=lambda d: d["step"])
-    if not rows:
+    if not rows or any("skip" not in d or "tokens" not in d for d in rows):  # none, or a pre-step-level record
         return None
     n = rows[0]["n_modules"]
     m = np.zeros((n + 1, len(rows)))

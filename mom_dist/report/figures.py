@@ -116,7 +116,7 @@ def fig_load_heatmaps(records: list[dict], chunk: int) -> Figure | None:
     mats = {(i, p): load_matrix(r, chunk, p) for i, r in enumerate(records) for p in pools}
     vmax = max(float(m[0].max()) for m in mats.values() if m is not None) or 1.0
     n_rows = len(records)
-    height = max(3.0, 0.22 * max(m[0].shape[0] for m in mats.values() if m) * n_rows + 1.5)
+    height = max(3.0, (0.3 * max(m[0].shape[0] for m in mats.values() if m) + 0.9) * n_rows + 0.8)
     fig, ax = _fig(n_rows, len(pools), 5.2 * len(pools) + 1, min(height, 30))
     im = None
     for i, r in enumerate(records):

@@ -7,6 +7,8 @@ turns the filters off.
 
 - megatron-core warns on import, once per module, that Transformer Engine and Apex are not
   installed: we use only megatron's dataset code, which needs neither.
+- DeepSpeed's ZeRO calls ``torch.distributed.all_gather_into_tensor``, which torch marks
+  deprecated with a FutureWarning at every step (DeepSpeed's to change, not the user's).
 - DeepSpeed warns that it "set the accelerator to CPU" on every CPU process: CPU is what we asked for.
 - DeepSpeed prints "DeepSpeed <op> built successfully" (stdout, every rank) when its CPU
   shared-memory collective op is loaded: ``drop_stdout_lines`` around ``init_distributed``.
@@ -22,7 +24,8 @@ import re
 import sys
 import warnings
 
-_WARNINGS = [r"Transformer Engine and Apex are not installed"]
+_WARNINGS = [(r"Transformer Engine and Apex are not installed", UserWarning),
+             (r"`torch\.distributed\.[a-z_]+` is deprecated", FutureWarning)]
 _DEEPSPEED_LOG = [r"Setting accelerator to CPU"]
 BUILD_MESSAGE = r"^DeepSpeed \S+ built successfully$"
 
@@ -40,8 +43,8 @@ class _DropMessages(logging.Filter):
 def install() -> None:
     if os.environ.get("MOM_DIST_VERBOSE") == "1":
         return
-    for pattern in _WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    for pattern, category in _WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
     # DeepSpeed's logger is logging.getLogger("DeepSpeed"): the same object before and after import.
     logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropMessages) for f in logger.filters):

@@ -2,8 +2,8 @@
 
 One module fixture runs the real commands the way a user does: ``mom-preprocess`` on a few
 text files (a real megatron-core indexed dataset, so megatron's import path is exercised) and
-``mom-train`` for 6 steps with telemetry every 2 steps and TensorBoard on; the tests read its
-output directory, stdout and stderr.
+``mom-train`` on 2 ranks (torchrun, EP2) for 6 steps with telemetry every 2 steps and
+TensorBoard on; the tests read its output directory, stdout and stderr.
 """
 
 import json
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from mom_dist.parallel.local_launch import REPO
+from mom_dist.parallel.local_launch import REPO, free_port
 
 RUN = [sys.executable, "-m"]
 STEP_LINE = re.compile(r"^step +(\d+)/(\d+) \| loss \d+\.\d{4} \| lm \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| "
@@ -47,7 +47,10 @@ def run(tmp_path_factory):
             "train.micro_batch_size=2", "train.steps=6", "train.warmup_steps=1", "train.log_interval=2",
             "train.telemetry_interval=2", "train.eval_interval=3", "train.eval_batches=2", "train.save_interval=0",
             "train.tensorboard=true", f"train.out_dir={out}", data]
-    cmd = RUN + ["mom_dist.cli.train", "--config", "configs/tiny.yaml"] + [a for s in sets for a in ("--set", s)]
+    # Two ranks (EP2) the way users launch them: per-rank noise and rank-0-only lines show up.
+    cmd = RUN + ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                 "-m", "mom_dist.cli.train", "--config", "configs/tiny.yaml", "--set", "parallel.ep_size=2"]
+    cmd += [a for s in sets for a in ("--set", s)]
     train = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout + train.stderr
     return dict(out=out, stdout=train.stdout, stderr=train.stderr, pre=pre)
@@ -55,13 +58,14 @@ def run(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ logs
 def test_train_output_is_ours_only(run):
-    noise = ["Transformer Engine", "Apex", "Setting accelerator", "built successfully", "UserWarning"]
+    noise = ["Transformer Engine", "Apex", "Setting accelerator", "built successfully", "Warning"]
     for text in (run["stdout"], run["stderr"], run["pre"].stderr):
         for n in noise:
             assert n not in text, f"{n!r} in output:\n{text}"
     assert run["stderr"].strip() == ""
     for line in run["stdout"].strip().splitlines():
         assert (STEP_LINE.match(line) or line.startswith("[valid] ") or line.startswith("mom-train: done")), line
+    assert len([line for line in run["stdout"].splitlines() if line.startswith("[valid] ")]) == 2  # rank 0 only
 
 
 def test_progress_lines_every_interval_with_eta(run):
@@ -98,7 +102,8 @@ def test_routing_records_in_the_run(run):
     routing = [r for r in recs if r["kind"] == "routing"]
     assert [r["step"] for r in routing] == [2, 4, 6]
     for r in routing:
-        assert r["tokens"] == 4 * 32 and r["micro_batches"] == 2
+        assert r["tokens"] == 4 * 32 and r["micro_batches"] == 2 and r["world_size"] == r["ep_size"] == 2
+        assert r["a2a_bytes_sent"] > 0 and len(r["a2a_bytes_per_rank"]) == 2
         assert {(d["chunk"], d["pool"]) for d in r["depth"]} == {(0, "attn"), (0, "ffn"), (0, "all")}
 
 
@@ -141,7 +146,7 @@ def test_report_on_the_run(run, tmp_path):
     assert panels["load_change_chunk0"] == ["attention modules", "FFN modules"]
     assert panels["depth_skip"] == ["Per-token depth (first and last telemetry step)", "Mean per-token depth",
                                     "SKIP rate", "Router entropy (mean over routers)"]
-    assert panels["parallel"] == ["EP load imbalance (ep_size=1)", "All-to-all payload per step (forward)",
+    assert panels["parallel"] == ["EP load imbalance (ep_size=2)", "All-to-all payload per step (forward)",
                                   "Throughput", "Dropped (token, module) pairs (capacity mode)"]
     assert manifest["missing"] == []
 

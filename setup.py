@@ -15,7 +15,8 @@ setup(
     # torch is deliberately not pinned here: a loose torch requirement pulls a CUDA build onto
     # CPU machines; install it first (requirements-cpu.txt pins the tested CPU stack).
     install_requires=["deepspeed>=0.19", "megatron-core>=0.16", "datasets", "sentencepiece", "numpy", "pyyaml",
-                      "tqdm", "zstandard", "safetensors"],
+                      "tqdm", "zstandard", "safetensors",
+                      "matplotlib"],
     extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"],
                     "finetune": ["rouge-score==0.1.2"]},
     entry_points={"console_scripts": [
@@ -24,5 +25,6 @@ setup(
         "mom-convert = mom_dist.cli.convert:main",
         "mom-eval = mom_dist.cli.evaluate:main",
         "mom-finetune = mom_dist.cli.finetune:main",
+        "mom-report = mom_dist.cli.report:main",
     ]},
 )

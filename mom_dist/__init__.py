@@ -7,3 +7,7 @@ applied to it from outside. Data preparation lives in ``mom_dist.data``, trainin
 """
 
 __version__ = "0.1.0"
+
+from mom_dist import quiet as _quiet
+
+_quiet.install()  # before megatron/DeepSpeed are imported: silence their known import noise

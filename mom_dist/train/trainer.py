@@ -26,10 +26,11 @@ from mom_dist.parallel import deepspeed_engine
 from mom_dist.parallel.dims import build_parallel_dims
 from mom_dist.parallel.expert_parallel import apply_expert_parallel
 from mom_dist.parallel.runtime import init_distributed
+from mom_dist.quiet import drop_stdout_lines
 from mom_dist.train.checkpoint import Checkpointer, PreemptionFlag
 from mom_dist.train.data import build_data
-from mom_dist.train.metrics import MetricsWriter, progress_line
-from mom_dist.train.telemetry import routing_telemetry, summarize
+from mom_dist.train.metrics import ETA, MetricsWriter, eval_progress, progress_line
+from mom_dist.train.telemetry import StepTelemetry, routing_record
 
 
 @dataclass
@@ -72,7 +73,7 @@ def evaluate(engine, batches, n_batches: int, device) -> float | None:
         return None
     engine.eval()
     total = torch.zeros(2, device=device)
-    for _ in range(n_batches):
+    for _ in eval_progress(n_batches, "valid"):
         out = _forward(engine, _to(next(batches), device))
         total += torch.stack([out.lm_loss.float(), torch.ones((), device=device)])
     engine.train()
@@ -82,7 +83,8 @@ def evaluate(engine, batches, n_batches: int, device) -> float | None:
 
 def train(cfg: Config, *, log=print) -> TrainResult:
     t, p = cfg.train, cfg.parallel
-    init_distributed(p.backend)
+    with drop_stdout_lines():  # DeepSpeed's 'op built successfully' print, every CPU rank
+        init_distributed(p.backend)
     dims = build_parallel_dims(p.ep_size)
     device = _device()
     data = build_data(cfg, dims)  # validates data vs model: fails here, before the engine exists
@@ -104,7 +106,7 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     state = ckpt.load(cfg.model)
     start_step = state["step"] if state else 0
     consumed = state["consumed_samples"] if state else 0
-    if state:
+    if state and dims.rank == 0:
         log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)")
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
     train_batches = data.train(consumed)
@@ -112,10 +114,15 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, last_tag, step, preempted = [], None, start_step, False
     tick, last_logged = time.time(), start_step
+    eta = ETA(t.steps)
     while step < t.steps:
         parts = torch.zeros(4, device=device)
+        # Telemetry describes the whole step: every micro-batch on every rank (device counters).
+        tel = StepTelemetry(model, dims) if (step + 1) % t.telemetry_interval == 0 else None
         for _ in range(ga):
             out = _forward(engine, _to(next(train_batches), device))
+            if tel is not None:
+                tel.add(out.routing)
             engine.backward(out.loss)
             engine.step()
             parts += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
@@ -131,17 +138,18 @@ def train(cfg: Config, *, log=print) -> TrainResult:
                  "tokens_per_s": tokens_per_step * n_steps / max(elapsed, 1e-9), "consumed_samples": consumed}
             metrics.write("train", step, v)
             if dims.rank == 0:
-                log(progress_line(step, t.steps, v))
+                log(progress_line(step, t.steps, v, *eta.update(step)))
             tick, last_logged = time.time(), step
-        if step % t.telemetry_interval == 0:
-            tel = routing_telemetry(out.routing, model, dims)
-            metrics.write("routing", step, {**summarize(tel), "detail": tel["per_step"]})
+        if tel is not None:
+            metrics.write_routing(step, routing_record(tel.reduce()))  # reduce(): a collective, all ranks
         if step % t.eval_interval == 0 and step < t.steps:
+            t_eval = time.time()
             vl = evaluate(engine, data.valid(), t.eval_batches, device)
             if vl is not None:
                 metrics.write("valid", step, {"loss": vl, "ppl": math.exp(min(vl, 50))})
                 if dims.rank == 0:
-                    log(f"[valid] step {step} loss {vl:.4f} ppl {math.exp(min(vl, 50)):.2f}")
+                    log(f"[valid] step {step} loss {vl:.4f} ppl {math.exp(min(vl, 50)):.2f} "
+                        f"({t.eval_batches} batches, {time.time() - t_eval:.1f} s)")
         preempted = preempt.agreed(device)
         leaving = preempted or (t.stop_after is not None and step - start_step >= t.stop_after)
         if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):

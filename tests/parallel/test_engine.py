@@ -79,9 +79,9 @@ def test_routing_telemetry_is_recorded(tmp_path):
     assert r["a2a_MB_sent"] > 0 and r["dropped"] > 0 and 0 <= r["skip_rate"] <= 1
     detail = r["detail"]
     assert len(detail) == 2 * 2  # n_steps=2 x {attn, ffn}
-    for d in detail:
-        picks = 2 * 2 * 16 * (2 if d["pool"] == "ffn" else 1)  # 2 ranks x 2 sequences x 16 tokens x K
-        assert sum(d["load"]) + round(d["skip_rate"] * picks) == picks
+    for d in detail:  # the whole step: 8 sequences (2 ranks x 2 micro-batches x 2) x 16 tokens x K
+        picks = 8 * 16 * (2 if d["pool"] == "ffn" else 1)
+        assert sum(d["load"]) + d["skip"] == picks and d["skip"] == round(d["skip_rate"] * picks)
         assert d["ep_load_max_over_mean"] >= 1.0 and d["entropy"] >= 0
 
 

@@ -1,0 +1,1 @@
+"""Tests of routing telemetry, mom-report, TensorBoard output and log lines (issue 11)."""

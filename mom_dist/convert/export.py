@@ -154,11 +154,14 @@ def special_ids(tokenizer: str | None) -> dict:
     return {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": unk if unk >= 0 else tok.eod}
 
 
-def write_tokenizer(out_dir: str, tokenizer: str, max_len: int) -> None:
+def write_tokenizer(out_dir: str, tokenizer: str, max_len: int, vocab_size: int) -> None:
     """tokenizer.model + tokenizer_config.json for ``AutoTokenizer`` (remote code tokenization_mom.py)."""
     from mom_dist.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}: "
+                         "it is not the tokenizer this model was trained with; pass the right --tokenizer")
     ids = special_ids(tokenizer)
     piece = tok._sp.id_to_piece
     shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
@@ -205,7 +208,7 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
         shutil.copy(os.path.join(HF_REMOTE, name), out_dir)
     _write_generation_config(out_dir, ids)
     if tokenizer is not None:
-        write_tokenizer(out_dir, tokenizer, model.cfg.max_seq_len)
+        write_tokenizer(out_dir, tokenizer, model.cfg.max_seq_len, model.cfg.vocab_size)
     return out_dir
 
 
@@ -230,5 +233,5 @@ def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, to
     hf.save_pretrained(out_dir)
     _write_generation_config(out_dir, ids)
     if tokenizer is not None:
-        write_tokenizer(out_dir, tokenizer, cfg.max_seq_len)
+        write_tokenizer(out_dir, tokenizer, cfg.max_seq_len, cfg.vocab_size)
     return out_dir

@@ -111,6 +111,9 @@ def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel
         sd = _read_safetensors(path)
     elif os.path.exists(os.path.join(path, "config.json")):
         cfg, sd = _from_hf_dir(path)
+        if is_vanilla(cfg):  # a GPT-2 has no routers; the vanilla schedule's picks do not use them
+            own = MoMModel(cfg).state_dict()
+            sd = {**{k: v for k, v in own.items() if "_router." in k}, **sd}
     else:
         cfg, sd, state = consolidate(path)
         tok = run_tokenizer(state)
@@ -124,7 +127,7 @@ def _from_hf_dir(path: str) -> tuple[ModelConfig, dict]:
         hf = json.load(f)
     kind = hf.get("model_type")
     if kind == "mom":
-        cfg = from_dict(ModelConfig, hf["mom"], "model.")
+        cfg = from_dict(ModelConfig, _known_fields(hf["mom"]), "model.")
         cfg.validate()
         sd = {k[len("model."):]: v for k, v in _read_safetensors(path).items() if k.startswith("model.")}
         return cfg, sd
@@ -135,6 +138,18 @@ def _from_hf_dir(path: str) -> tuple[ModelConfig, dict]:
         return cfg, mom_from_layers(embed, layers, cfg)
     raise ValueError(f"'{path}/config.json' has model_type {kind!r}; mom_dist reads its own to-hf directories "
                      "(model_type 'mom' or 'gpt2')")
+
+
+def _known_fields(mom: dict) -> dict:
+    """The transformers config fills every field the standalone code knows; drop the ones this
+    ModelConfig lacks while they hold their default (else the model needs them: refuse)."""
+    from mom_dist.convert.hf_remote.configuration_mom import MOM_DEFAULTS
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    extra = {k: v for k, v in mom.items() if k not in known and v != MOM_DEFAULTS.get(k, object())}
+    if extra:
+        raise ValueError(f"this model uses options {sorted(extra)} that this mom_dist lacks; update mom_dist")
+    return {k: v for k, v in mom.items() if k in known}
 
 
 def is_vanilla(cfg: ModelConfig) -> bool:

@@ -16,7 +16,9 @@ setup(
     # CPU machines; install it first (requirements-cpu.txt pins the tested CPU stack).
     install_requires=["deepspeed>=0.19", "megatron-core>=0.16", "datasets", "sentencepiece", "numpy", "pyyaml",
                       "tqdm", "zstandard", "safetensors"],
-    extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"]},
+    extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"],
+                    # lm-evaluation-harness on `mom-convert to-hf` directories (tested with these)
+                    "eval": ["lm-eval[hf]==0.4.13", "transformers"]},
     entry_points={"console_scripts": [
         "mom-train = mom_dist.cli.train:main",
         "mom-preprocess = mom_dist.cli.preprocess:main",

@@ -81,8 +81,8 @@ class Block(nn.Module):
 
     def forward(self, x_BSD, ctx, layer_idx):
         q, k, v = self.attn.qkv(self.attn.ln(x_BSD)).split(x_BSD.shape[-1], dim=-1)
-        x_BSD = x_BSD + self.attn.proj(ctx.attend(q, k, v, layer_idx, None))
-        return x_BSD + self.ffn(x_BSD)
+        x_BSD = x_BSD + ctx.dropout(self.attn.proj(ctx.attend(q, k, v, layer_idx, None)))
+        return x_BSD + ctx.dropout(self.ffn(x_BSD))
 
 
 class Pool(nn.Module):
@@ -190,19 +190,24 @@ class Chunk(nn.Module):
             # An all-SKIP token has q = k = v = 0; mask_skip_keys hides its key from later tokens.
             keep = (ids < ap.n).any(-1).view(B, S) if m["mask_skip_keys"] else None
             att = ctx.attend(q, k, v, first_layer + step, keep).reshape(B * S, D)
-            x = x + ap.mix(lambda i, r: ap.lin("proj", i, r), att, ids, w, D)
+            x = x + ctx.dropout(ap.mix(lambda i, r: ap.lin("proj", i, r), att, ids, w, D))
             lf, pf, fids, fw, state_f = self.ffn_router(x, state_f, step)
             xhat = F.layer_norm(x, (D,), eps=eps)
-            x = x + fp.mix(lambda i, r: fp.lin("proj", i, gelu(fp.lin("fc", i, fp.affine(i, r)))), xhat, fids, fw, D)
+            x = x + ctx.dropout(fp.mix(lambda i, r: fp.lin("proj", i, gelu(fp.lin("fc", i, fp.affine(i, r)))),
+                                       xhat, fids, fw, D))
             records += [(self.index, step, "attn", la, pa, ids[:, 0]), (self.index, step, "ffn", lf, pf, fids[:, 0])]
         return x.view(B, S, D), records
 
 
 class AttentionContext:
-    """What every attention of one forward shares: heads, the key-padding mask, the KV cache."""
+    """What every attention of one forward shares: heads, the key-padding mask, the KV cache,
+    dropout (the model's ``dropout`` in training mode, where mom_dist applies it)."""
 
-    def __init__(self, n_heads, cache, key_pad_BL, past, S):
-        self.n_heads, self.cache, self.key_pad_BL, self.past, self.S = n_heads, cache, key_pad_BL, past, S
+    def __init__(self, n_heads, cache, key_pad_BL, p):
+        self.n_heads, self.cache, self.key_pad_BL, self.p = n_heads, cache, key_pad_BL, p
+
+    def dropout(self, x):
+        return F.dropout(x, self.p, True) if self.p > 0 else x
 
     def attend(self, q_BSD, k_BSD, v_BSD, layer_idx, keep_BS):
         B, S, D = q_BSD.shape
@@ -225,7 +230,7 @@ class AttentionContext:
         # A query always sees its own key: a padding or all-SKIP query would otherwise be all -inf (NaN).
         own = torch.zeros(S, L, dtype=torch.bool, device=q.device)
         own[torch.arange(S, device=q.device), torch.arange(L - S, L, device=q.device)] = True
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(allow | own)[:, None])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(allow | own)[:, None], dropout_p=self.p)
         return out.transpose(1, 2).reshape(B, S, D)
 
 
@@ -376,8 +381,9 @@ class MoMModel(MoMPreTrainedModel):
         if int(position_ids.max()) >= m["max_seq_len"]:
             raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings="
                              f"{m['max_seq_len']}; shorten the input")
-        x = x + self.wpe(position_ids)
-        ctx = AttentionContext(m["n_heads"], cache, key_pad_BL, past, S)
+        p = m["dropout"] if self.training else 0.0
+        ctx = AttentionContext(m["n_heads"], cache, key_pad_BL, p)
+        x = ctx.dropout(x + self.wpe(position_ids))
         layer, records = 0, []
         for block in self.bottom:
             x = block(x, ctx, layer)

@@ -217,3 +217,26 @@ def test_vanilla_export_is_stock_gpt2_with_our_special_ids(tokenizer, tmp_path):
     back, _ = load_source(hf_dir)  # a GPT-2 directory reads back as a vanilla MoM
     with torch.no_grad():
         assert (back(batch["input_ids"]).logits - vanilla(batch["input_ids"]).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not hasattr(ModelConfig(), "router_bias"),
+                    reason="ModelConfig has no router_bias/balance_reduction yet (they arrive with issue 10's "
+                           "router/loss options)")
+@pytest.mark.parametrize("mode", ["pooled", "depthwise"])
+def test_release_options_match_ours(tmp_path, mode):
+    """router_bias (GRU head_bias, made non-zero here) and balance_reduction=release."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = MoMModel(routed_config(400, router_bias=True, balance_reduction="release", balance_mode=mode,
+                                   balance_double_softmax=True)).eval()
+    with torch.no_grad():
+        for chunk in model.chunks:
+            chunk.attn_router.head_bias.normal_(0.0, 1.0)
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(model, str(tmp_path / "hf")), trust_remote_code=True).eval()
+    ids = make_inputs(400, [])["ids"]
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max() <= 1e-5
+        out, ours = hf(ids, labels=ids), model(ids, ids)
+    assert out.balance_loss.item() == pytest.approx(ours.balance_loss.item(), abs=1e-5)
+    assert out.z_loss.item() == pytest.approx(ours.z_loss.item(), abs=1e-5)

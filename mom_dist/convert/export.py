@@ -59,8 +59,11 @@ def run_tokenizer(state: dict) -> str | None:
     data = (state.get("config") or {}).get("data") or {}
     if data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
         return os.path.abspath(data["tokenizer_model"])
-    prefixes = list(data.get("train_prefixes") or []) + list(data.get("valid_prefixes") or [])
-    for prefix in [prefixes] if isinstance(prefixes, str) else prefixes:
+    prefixes = []
+    for key in ("train_prefixes", "valid_prefixes"):  # a list, or one prefix as a string
+        value = data.get(key) or []
+        prefixes += [value] if isinstance(value, str) else list(value)
+    for prefix in prefixes:
         try:
             with open(prefix + ".meta.json") as f:
                 rel = json.load(f).get("tokenizer_model")

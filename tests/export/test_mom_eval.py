@@ -80,6 +80,7 @@ def test_run_directory_tokenizer_found_from_its_data(world, tmp_path):
 
     prefix = world["data"].replace("_valid_", "_train_")
     assert os.path.samefile(run_tokenizer({"config": {"data": {"train_prefixes": [prefix]}}}), world["tok"])
+    assert os.path.samefile(run_tokenizer({"config": {"data": {"train_prefixes": prefix}}}), world["tok"])
     assert os.path.samefile(run_tokenizer({"config": {"data": {"tokenizer_model": world["tok"]}}}), world["tok"])
     assert run_tokenizer({"config": {"data": {"synthetic": {"seed": 1}}}}) is None
 

@@ -4,10 +4,12 @@
 
 Started by the export tests, in our venv with ``mom_dist`` made unimportable and in a clean
 venv (torch + transformers + sentencepiece + safetensors only). Computes everything the tests
-compare against mom_dist (logits, losses, generation, padding, classification, tokenizer ids)
+compare against mom_dist (logits, losses, generation, padding, classification, tokenizer ids,
+and a save_pretrained copy read back)
 and saves it; it asserts nothing itself.
 """
 
+import os
 import sys
 
 sys.modules["mom_dist"] = None  # any ``import mom_dist`` now raises ImportError
@@ -81,6 +83,14 @@ def main(hf_dir, inputs, outputs):
                                                           "unk_token_id", "model_max_length")}
         batch = tok(x["texts"][:2], padding=True, return_tensors="pt")
         res["tok_batch"] = (batch["input_ids"], batch["attention_mask"])
+        # what Trainer checkpoints do: save_pretrained, then load the copy (remote code travels along)
+        copy = os.path.join(os.path.dirname(os.path.abspath(outputs)), "resaved")
+        model.save_pretrained(copy)
+        tok.save_pretrained(copy)
+        again = AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True).eval()
+        res["resaved_logits"] = again(ids).logits
+        res["resaved_tok_ids"] = [AutoTokenizer.from_pretrained(copy, trust_remote_code=True)(t)["input_ids"]
+                                  for t in x["texts"]]
     torch.save(res, outputs)
 
 

@@ -111,6 +111,8 @@ def assert_matches_ours(model: MoMModel, res: dict, x: dict, tokenizer: str | No
         tok = Tokenizer(tokenizer)
         assert res["tok_ids"] == [tok.encode(t) for t in x["texts"]]
         assert res["tok_decoded"] == list(x["texts"])
+        assert res["resaved_tok_ids"] == res["tok_ids"]
+        assert torch.equal(res["resaved_logits"], res["logits"])
         assert res["tok_special"] == {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": 0,
                                       "unk_token_id": 0, "model_max_length": cfg.max_seq_len}
         ids_b, mask_b = res["tok_batch"]

@@ -4,9 +4,8 @@
 
 Started by the export tests, in our venv with ``mom_dist`` made unimportable and in a clean
 venv (torch + transformers + sentencepiece + safetensors only). Computes everything the tests
-compare against mom_dist (logits, losses, generation, padding, classification, tokenizer ids,
-and a save_pretrained copy read back)
-and saves it; it asserts nothing itself.
+compare against mom_dist (logits, losses, generation, padding, classification, tokenizer ids, a
+save_pretrained copy read back) and saves it; it asserts nothing itself.
 """
 
 import os

@@ -112,7 +112,7 @@ def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel
             cfg = from_dict(ModelConfig, json.load(f), "model.")
         cfg.validate()
         sd = _read_safetensors(path)
-    elif os.path.exists(os.path.join(path, "config.json")):
+    elif _is_hf_dir(path):
         cfg, sd = _from_hf_dir(path)
         if is_vanilla(cfg):  # a GPT-2 has no routers; the vanilla schedule's picks do not use them
             own = MoMModel(cfg).state_dict()
@@ -123,6 +123,15 @@ def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel
     model = MoMModel(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(dtype).eval(), tok
+
+
+def _is_hf_dir(path: str) -> bool:
+    """A transformers directory (config.json with a model_type; a run's config.json has none)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def _from_hf_dir(path: str) -> tuple[ModelConfig, dict]:

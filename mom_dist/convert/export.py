@@ -44,6 +44,8 @@ def save_exported(out_dir: str, cfg: ModelConfig, state_dict: dict, *, overwrite
     from safetensors.torch import save_file
 
     _refuse_existing(out_dir, overwrite)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "mom_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -181,14 +183,26 @@ def special_ids(tokenizer: str | None) -> dict:
     return {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": unk if unk >= 0 else tok.eod}
 
 
+def check_tokenizer(tokenizer: str, vocab_size: int):
+    """The tokenizer, if it can be this model's (checked before anything is written)."""
+    from mom_dist.data.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer(tokenizer)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"tokenizer {tokenizer} is not a SentencePiece model ({err}); pass the .model its data "
+                         "was made with") from None
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}: "
+                         "it is not the tokenizer this model was trained with; pass the right --tokenizer")
+    return tok
+
+
 def write_tokenizer(out_dir: str, tokenizer: str, max_len: int, vocab_size: int) -> None:
     """tokenizer.model + tokenizer_config.json for ``AutoTokenizer`` (remote code tokenization_mom.py)."""
     from mom_dist.data.tokenizer import Tokenizer
 
-    tok = Tokenizer(tokenizer)
-    if tok.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}: "
-                         "it is not the tokenizer this model was trained with; pass the right --tokenizer")
+    tok = check_tokenizer(tokenizer, vocab_size)
     ids = special_ids(tokenizer)
     piece = tok._sp.id_to_piece
     shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
@@ -222,6 +236,8 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
     from mom_dist.convert.hf_remote.configuration_mom import MoMConfig
 
     _refuse_existing(out_dir, overwrite)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.cfg.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     ids = special_ids(tokenizer)
     hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), architectures=["MoMForCausalLM"], auto_map={
@@ -248,6 +264,8 @@ def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, to
         raise ValueError("only the vanilla special case (diagonal schedule, top_k=1, no SKIP) is a GPT-2; "
                          "export a routed MoM with export_hf (MoMForCausalLM, trust_remote_code)")
     _refuse_existing(out_dir, overwrite)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg.vocab_size)
     embed, layers = layers_from_mom(model.state_dict(), cfg)
     ids = special_ids(tokenizer)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,

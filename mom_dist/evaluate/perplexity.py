@@ -35,6 +35,10 @@ def check_data_for_model(prefix: str, vocab_size: int, tokenizer: str | None) ->
     from mom_dist.data import indexed
     from mom_dist.data.loader import DataConfig, check_data
 
+    if tokenizer is not None:
+        from mom_dist.convert.export import check_tokenizer
+
+        check_tokenizer(tokenizer, vocab_size)  # a corrupt .model is bad input, not a traceback
     meta = indexed.read_meta(prefix) or {}
     if tokenizer is None and any(k.startswith("tokenizer") and v for k, v in meta.items()):
         raise ValueError(f"'{prefix}' was made with a recorded tokenizer but the model records none, so they cannot "
@@ -43,7 +47,11 @@ def check_data_for_model(prefix: str, vocab_size: int, tokenizer: str | None) ->
 
 
 def read_tokens(prefix: str) -> torch.Tensor:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    import warnings
+
+    with warnings.catch_warnings():  # megatron's import warns about Transformer Engine/Apex it does not need here
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
     count = int(ds.index.sequence_lengths.sum())
@@ -76,6 +84,8 @@ def perplexity(model, prefix: str, *, seq_len: int, batch_size: int = 8, max_bat
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     if seq_len < 1 or batch_size < 1:
         raise ValueError("--seq-len and --batch-size must be >= 1")
+    if stride is not None and not 1 <= stride <= seq_len:
+        raise ValueError(f"--stride {stride} must be between 1 and --seq-len {seq_len}")
     tokens = read_tokens(prefix)
     if stride is None:
         n = (len(tokens) - 1) // seq_len

@@ -120,13 +120,14 @@ def test_cli_exit_code_through_a_real_process(world, tmp_path):
 
 @pytest.mark.parametrize("case", ["other_tokenizer", "model_without_tokenizer", "missing_data", "missing_source",
                                   "not_a_model", "seq_len_too_long", "bad_stride", "too_few_tokens",
-                                  "ids_beyond_vocab", "missing_tokenizer_file"])
+                                  "ids_beyond_vocab", "missing_tokenizer_file", "corrupt_tokenizer"])
 def test_error_paths(world, case, capsys, tmp_path):
     short = str(tmp_path / "short")
     write_token_documents(short, [[5, 6, 7, 1]], 400, eod=1)
     big = str(tmp_path / "big")
     write_token_documents(big, [[5, 999, 7, 1] * 10], 1000, eod=1)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.model").write_bytes(b"garbage")
     base = ["--seq-len", "16", "--no-progress"]
     args, want = {
         "other_tokenizer": ([world["export"], "--data", world["other"]], "another tokenizer"),
@@ -139,6 +140,8 @@ def test_error_paths(world, case, capsys, tmp_path):
         "too_few_tokens": ([world["bare"], "--data", short], "fewer than one window"),
         "ids_beyond_vocab": ([world["bare"], "--data", big], "holds token id 999"),
         "missing_tokenizer_file": ([world["bare"], "--data", world["data"], "--tokenizer", "x.model"], "no such file"),
+        "corrupt_tokenizer": ([world["bare"], "--data", world["data"], "--tokenizer", str(tmp_path / "bad.model")],
+                              "is not a SentencePiece model"),
     }[case]
     before = snapshot(world["root"], str(tmp_path))
     code, out, err = run_cli(base + args, capsys)
@@ -160,6 +163,13 @@ def test_to_hf_tokenizer_errors(world, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     out = convert(world["bare"], "-o", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "none.model"))
     assert out.returncode == 2 and "no such file" in out.stderr and not (tmp_path / "x").exists()
+    (tmp_path / "garbage.model").write_bytes(b"not a sentencepiece model")
+    out = convert(world["bare"], "-o", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "garbage.model"))
+    assert out.returncode == 2 and "is not a SentencePiece model" in out.stderr and not (tmp_path / "x").exists()
+    small = save_exported(str(tmp_path / "small"), routed_config(64), MoMModel(routed_config(64)).state_dict())
+    out = convert(small, "-o", str(tmp_path / "x"), "--tokenizer", world["tok"])
+    assert out.returncode == 2 and "has 400 ids but the model's vocab_size is 64" in out.stderr, out.stderr
+    assert not (tmp_path / "x").exists()
     out = convert(world["bare"], "-o", str(tmp_path / "x"), "--tokenizer", world["tok"])
     assert out.returncode == 0 and (tmp_path / "x" / "tokenizer.model").exists(), out.stderr
     out = convert(world["bare"], "-o", str(tmp_path / "y"), "--no-tokenizer")

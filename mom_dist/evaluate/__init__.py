@@ -1,1 +1,1 @@
-"""Evaluation of trained models in one process (no DeepSpeed): perplexity on indexed data."""
+"""Evaluation: perplexity on indexed data (``mom-eval``) and downstream fine-tuning on GLUE/XSUM-style tasks (``mom-finetune``)."""

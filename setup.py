@@ -18,7 +18,9 @@ setup(
                       "tqdm", "zstandard", "safetensors",
                       "matplotlib"],
     extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"],
-                    "finetune": ["rouge-score==0.1.2"]},
+                    "finetune": ["rouge-score==0.1.2"],
+                    # lm-evaluation-harness on `mom-convert to-hf` directories (tested with these)
+                    "eval": ["lm-eval[hf]==0.4.13", "transformers"]},
     entry_points={"console_scripts": [
         "mom-train = mom_dist.cli.train:main",
         "mom-preprocess = mom_dist.cli.preprocess:main",

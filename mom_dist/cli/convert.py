@@ -1,21 +1,24 @@
 """``mom-convert``: checkpoints to evaluation formats.
 
     mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
-    mom-convert to-hf SOURCE -o HF_DIR                           -> transformers directory
+    mom-convert to-hf SOURCE -o HF_DIR [--tokenizer M.model]     -> transformers directory
     mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
     mom-convert from-release SRC OUT_DIR                         the authors' release -> our format
 
-SOURCE is a run directory or an exported directory. to-hf writes the vanilla GPT-2 case as a
-stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the directory (load
-with trust_remote_code=True; needs mom_dist installed). Existing outputs are never overwritten
-without --overwrite. from-release reads a GPT2MoTLMHeadModel save_pretrained directory
-(config.json + model.safetensors or pytorch_model.bin) and writes an exported directory (what
-mom-eval, mom-finetune and train.init_from read) with the release's loss settings.
+SOURCE is a run directory, an exported directory or a to-hf directory. to-hf writes the vanilla
+GPT-2 case as a stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the
+directory (load with trust_remote_code=True; needs only torch + transformers), both with the
+tokenizer: the one the run's data was made with (found from its config / data), else
+--tokenizer; --no-tokenizer writes none (models trained on synthetic data). Existing outputs are
+never overwritten without --overwrite. from-release reads a GPT2MoTLMHeadModel save_pretrained
+directory (config.json + model.safetensors or pytorch_model.bin) and writes an exported directory
+(what mom-eval, mom-finetune and train.init_from read) with the release's loss settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -39,6 +42,10 @@ def main(argv=None) -> int:
     r.add_argument("src")
     r.add_argument("output")
     r.add_argument("--overwrite", action="store_true")
+    for p in (e, h):
+        p.add_argument("--tokenizer", default=None, help="SentencePiece .model to write with the model "
+                       "(default: the one recorded by the run's data)")
+    h.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer (synthetic-data models)")
     args = ap.parse_args(argv)
 
     from mom_dist.convert import export
@@ -48,9 +55,16 @@ def main(argv=None) -> int:
             from mom_dist.convert.release import import_release
             out = import_release(args.src, args.output, overwrite=args.overwrite)
         elif args.cmd == "export":
-            out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite)
+            out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite,
+                                    tokenizer=_tokenizer_arg(args.tokenizer))
         elif args.cmd == "to-hf":
-            out = export.export_hf(export.load_exported(args.source), args.output, overwrite=args.overwrite)
+            model, found = export.load_source(args.source)
+            tok = None if args.no_tokenizer else (_tokenizer_arg(args.tokenizer) or found)
+            if tok is None and not args.no_tokenizer:
+                raise ValueError(f"no tokenizer is recorded for '{args.source}' (its data config names none); pass "
+                                 "--tokenizer M.model (the SentencePiece model its data was made with), or "
+                                 "--no-tokenizer for a model trained on synthetic data")
+            out = export.export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok)
         else:
             import torch
 
@@ -68,6 +82,12 @@ def main(argv=None) -> int:
         return 2
     print(f"mom-convert: wrote {out}")
     return 0
+
+
+def _tokenizer_arg(path):
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"--tokenizer {path}: no such file; pass the SentencePiece .model its data was made with")
+    return path
 
 
 if __name__ == "__main__":

@@ -2,27 +2,36 @@
 
     <dir>/mom_config.json    the model config (``ModelConfig`` fields)
     <dir>/model.safetensors  the plain state dict (pool tensors stacked over all modules)
+    <dir>/tokenizer.model    the SentencePiece model the training data was made with (when known)
 
 ``export_run`` turns a training run (any layout) into one; ``load_exported`` reads it back.
-``export_hf`` writes a transformers directory for GLUE/XSUM fine-tuning scripts: the vanilla
-special case as a stock ``GPT2LMHeadModel``; a routed MoM as ``MoMForCausalLM``, whose code
-travels in the directory (``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``,
-with mom_dist installed).
+``export_hf`` writes a self-contained transformers directory (needs torch + transformers only):
+the vanilla special case as a stock ``GPT2LMHeadModel``; a routed MoM as ``MoMForCausalLM`` /
+``MoMForSequenceClassification``, whose code travels in the directory (``trust_remote_code``).
+Both get the tokenizer (``AutoTokenizer``, remote code ``tokenization_mom.py``),
+``generation_config.json`` with our end-of-document id, and the maximum length.
+``load_source`` reads any of the three (run, export, transformers directory) back as a
+``MoMModel`` plus its tokenizer path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import shutil
 
 import torch
 
 from mom_dist.config_utils import from_dict
 from mom_dist.convert.checkpoints import consolidate
-from mom_dist.convert.gpt2 import hf_from_layers, layers_from_mom
+from mom_dist.convert.gpt2 import hf_from_layers, layers_from_hf, layers_from_mom, mom_from_layers
 from mom_dist.model import MoMModel
-from mom_dist.model.config import ModelConfig
+from mom_dist.model.config import ModelConfig, gpt2_config
+
+HF_REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+TOKENIZER_FILE = "tokenizer.model"
 
 
 def _refuse_existing(out_dir: str, overwrite: bool) -> None:
@@ -30,36 +39,131 @@ def _refuse_existing(out_dir: str, overwrite: bool) -> None:
         raise ValueError(f"'{out_dir}' exists and is not empty; choose another output or pass --overwrite")
 
 
-def save_exported(out_dir: str, cfg: ModelConfig, state_dict: dict, *, overwrite: bool = False) -> str:
+def save_exported(out_dir: str, cfg: ModelConfig, state_dict: dict, *, overwrite: bool = False,
+                  tokenizer: str | None = None) -> str:
     from safetensors.torch import save_file
 
     _refuse_existing(out_dir, overwrite)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "mom_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(out_dir, "model.safetensors"))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
     return out_dir
 
 
-def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False) -> str:
-    cfg, sd, _ = consolidate(run_dir, tag)
-    return save_exported(out_dir, cfg, sd, overwrite=overwrite)
+def run_tokenizer(state: dict) -> str | None:
+    """The tokenizer a training run's data was made with: ``data.tokenizer_model`` of its config,
+    else the ``tokenizer_model`` that mom-preprocess recorded next to its first data prefix."""
+    data = (state.get("config") or {}).get("data") or {}
+    if data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
+        return os.path.abspath(data["tokenizer_model"])
+    prefixes = []
+    for key in ("train_prefixes", "valid_prefixes"):  # a list, or one prefix as a string
+        value = data.get(key) or []
+        prefixes += [value] if isinstance(value, str) else list(value)
+    for prefix in prefixes:
+        try:
+            with open(prefix + ".meta.json") as f:
+                rel = json.load(f).get("tokenizer_model")
+        except (OSError, ValueError):
+            continue
+        if rel:
+            path = os.path.join(os.path.dirname(os.path.abspath(prefix)), rel)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False,
+               tokenizer: str | None = None) -> str:
+    cfg, sd, state = consolidate(run_dir, tag)
+    return save_exported(out_dir, cfg, sd, overwrite=overwrite, tokenizer=tokenizer or run_tokenizer(state))
 
 
 def load_exported(path: str, dtype: torch.dtype = torch.float32) -> MoMModel:
-    """A ``MoMModel`` from an exported directory or directly from a training run."""
+    """A ``MoMModel`` from an exported, transformers or training-run directory."""
+    return load_source(path, dtype)[0]
+
+
+def _read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
 
+    files = sorted(glob.glob(os.path.join(path, "model*.safetensors")))
+    if not files:
+        raise ValueError(f"'{path}' holds no model*.safetensors")
+    sd = {}
+    for f in files:
+        sd.update(load_file(f))
+    return sd
+
+
+def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel, str | None]:
+    """(model, tokenizer path or None) from a run directory (or one of its checkpoints), a
+    ``mom-convert export`` directory, or a ``mom-convert to-hf`` directory (MoM or GPT-2)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"'{path}' is not a directory: pass a run directory, a mom-convert export "
+                         "directory or a mom-convert to-hf directory")
+    tok = os.path.join(path, TOKENIZER_FILE)
+    tok = tok if os.path.isfile(tok) else None
     if os.path.exists(os.path.join(path, "mom_config.json")):
         with open(os.path.join(path, "mom_config.json")) as f:
             cfg = from_dict(ModelConfig, json.load(f), "model.")
         cfg.validate()
-        sd = load_file(os.path.join(path, "model.safetensors"))
+        sd = _read_safetensors(path)
+    elif _is_hf_dir(path):
+        cfg, sd = _from_hf_dir(path)
+        if is_vanilla(cfg):  # a GPT-2 has no routers; the vanilla schedule's picks do not use them
+            own = MoMModel(cfg).state_dict()
+            sd = {**{k: v for k, v in own.items() if "_router." in k}, **sd}
     else:
-        cfg, sd, _ = consolidate(path)
+        cfg, sd, state = consolidate(path)
+        tok = run_tokenizer(state)
     model = MoMModel(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return model.to(dtype).eval()
+    return model.to(dtype).eval(), tok
+
+
+def _is_hf_dir(path: str) -> bool:
+    """A transformers directory (config.json with a model_type; a run's config.json has none)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def _from_hf_dir(path: str) -> tuple[ModelConfig, dict]:
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    kind = hf.get("model_type")
+    if kind == "mom":
+        cfg = from_dict(ModelConfig, _known_fields(hf["mom"]), "model.")
+        cfg.validate()
+        sd = {k[len("model."):]: v for k, v in _read_safetensors(path).items() if k.startswith("model.")}
+        return cfg, sd
+    if kind == "gpt2":
+        embed, layers = layers_from_hf(_read_safetensors(path))
+        cfg = gpt2_config(hf["n_embd"], hf["n_head"], len(layers), vocab_size=hf["vocab_size"],
+                          max_seq_len=hf["n_positions"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        return cfg, mom_from_layers(embed, layers, cfg)
+    raise ValueError(f"'{path}/config.json' has model_type {kind!r}; mom_dist reads its own to-hf directories "
+                     "(model_type 'mom' or 'gpt2')")
+
+
+def _known_fields(mom: dict) -> dict:
+    """The transformers config fills every field the standalone code knows; drop the ones this
+    ModelConfig lacks while they hold their default (else the model needs them: refuse)."""
+    from mom_dist.convert.hf_remote.configuration_mom import MOM_DEFAULTS
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    extra = {k: v for k, v in mom.items() if k not in known and v != MOM_DEFAULTS.get(k, object())}
+    if extra:
+        raise ValueError(f"this model uses options {sorted(extra)} that this mom_dist lacks; update mom_dist")
+    return {k: v for k, v in mom.items() if k in known}
 
 
 def is_vanilla(cfg: ModelConfig) -> bool:
@@ -68,34 +172,90 @@ def is_vanilla(cfg: ModelConfig) -> bool:
         r.schedule == "diagonal" and r.top_k == 1 and not r.allow_skip for r in (cfg.attn_router, cfg.ffn_router))
 
 
-def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False) -> str:
+def special_ids(tokenizer: str | None) -> dict:
+    """bos/eos (= the end-of-document id) and pad (= unk: byte fallback never produces it)."""
+    if tokenizer is None:
+        return {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}  # our tokenizers' layout
+    from mom_dist.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    unk = tok._sp.unk_id()
+    return {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": unk if unk >= 0 else tok.eod}
+
+
+def check_tokenizer(tokenizer: str, vocab_size: int):
+    """The tokenizer, if it can be this model's (checked before anything is written)."""
+    from mom_dist.data.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer(tokenizer)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"tokenizer {tokenizer} is not a SentencePiece model ({err}); pass the .model its data "
+                         "was made with") from None
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}: "
+                         "it is not the tokenizer this model was trained with; pass the right --tokenizer")
+    return tok
+
+
+def write_tokenizer(out_dir: str, tokenizer: str, max_len: int, vocab_size: int) -> None:
+    """tokenizer.model + tokenizer_config.json for ``AutoTokenizer`` (remote code tokenization_mom.py)."""
+    from mom_dist.data.tokenizer import Tokenizer
+
+    tok = check_tokenizer(tokenizer, vocab_size)
+    ids = special_ids(tokenizer)
+    piece = tok._sp.id_to_piece
+    shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+    shutil.copy(os.path.join(HF_REMOTE, "tokenization_mom.py"), out_dir)
+    conf = {"tokenizer_class": "MoMTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_mom.MoMTokenizer", None]},
+            "unk_token": piece(ids["pad_token_id"]), "pad_token": piece(ids["pad_token_id"]),
+            "bos_token": piece(ids["bos_token_id"]), "eos_token": piece(ids["eos_token_id"]),
+            "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+            "add_bos_token": False, "add_eos_token": False}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(conf, f, indent=1)
+
+
+def _write_generation_config(out_dir: str, ids: dict) -> None:
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(ids, f, indent=1)
+
+
+def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
     """A transformers directory: GPT2LMHeadModel for the vanilla case, else MoMForCausalLM."""
     if is_vanilla(model.cfg):
-        return export_hf_gpt2(model, out_dir, overwrite=overwrite)
-    return export_hf_mom(model, out_dir, overwrite=overwrite)
+        return export_hf_gpt2(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
+    return export_hf_mom(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
 
 
-def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False) -> str:
-    """A routed MoM as ``MoMForCausalLM`` with its code (``trust_remote_code``)."""
-    import shutil
+def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
+    """A routed MoM with its code (``trust_remote_code``): ``MoMForCausalLM`` weights under ``model.``."""
+    from safetensors.torch import save_file
 
     from mom_dist.convert.hf_remote.configuration_mom import MoMConfig
-    from mom_dist.convert.hf_remote.modeling_mom import MoMForCausalLM
 
     _refuse_existing(out_dir, overwrite)
-    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), vocab_size=model.cfg.vocab_size,
-                       auto_map={"AutoConfig": "configuration_mom.MoMConfig",
-                                 "AutoModelForCausalLM": "modeling_mom.MoMForCausalLM"})
-    hf = MoMForCausalLM(hf_cfg)
-    hf.mom.load_state_dict(model.state_dict())
-    hf.save_pretrained(out_dir)
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.cfg.vocab_size)
+    os.makedirs(out_dir, exist_ok=True)
+    ids = special_ids(tokenizer)
+    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), architectures=["MoMForCausalLM"], auto_map={
+        "AutoConfig": "configuration_mom.MoMConfig", "AutoModel": "modeling_mom.MoMModel",
+        "AutoModelForCausalLM": "modeling_mom.MoMForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_mom.MoMForSequenceClassification"}, **ids)
+    hf_cfg.save_pretrained(out_dir)
+    sd = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     for name in ("configuration_mom.py", "modeling_mom.py"):
-        shutil.copy(os.path.join(src, name), out_dir)
+        shutil.copy(os.path.join(HF_REMOTE, name), out_dir)
+    _write_generation_config(out_dir, ids)
+    if tokenizer is not None:
+        write_tokenizer(out_dir, tokenizer, model.cfg.max_seq_len, model.cfg.vocab_size)
     return out_dir
 
 
-def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False) -> str:
+def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
     """Write a vanilla-schedule MoM (spec §7: the GPT-2 special case) as a GPT2LMHeadModel."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -104,13 +264,19 @@ def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False) ->
         raise ValueError("only the vanilla special case (diagonal schedule, top_k=1, no SKIP) is a GPT-2; "
                          "export a routed MoM with export_hf (MoMForCausalLM, trust_remote_code)")
     _refuse_existing(out_dir, overwrite)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg.vocab_size)
     embed, layers = layers_from_mom(model.state_dict(), cfg)
+    ids = special_ids(tokenizer)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
                         n_layer=len(layers), n_head=cfg.n_heads, activation_function="gelu_new",
                         layer_norm_epsilon=cfg.layer_norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                        attn_pdrop=cfg.dropout, tie_word_embeddings=True)
+                        attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids)
     hf = GPT2LMHeadModel(hf_cfg)
     missing, unexpected = hf.load_state_dict(hf_from_layers(embed, layers), strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), missing
     hf.save_pretrained(out_dir)
+    _write_generation_config(out_dir, ids)
+    if tokenizer is not None:
+        write_tokenizer(out_dir, tokenizer, cfg.max_seq_len, cfg.vocab_size)
     return out_dir

@@ -1,1 +1,2 @@
-"""Downstream evaluation: fine-tuning on GLUE/XSUM-style tasks (``mom-finetune``)."""
+"""Evaluation: perplexity on indexed data (``mom-eval``) and downstream fine-tuning on
+GLUE/XSUM-style tasks (``mom-finetune``)."""

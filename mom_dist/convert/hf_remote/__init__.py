@@ -1,4 +1,5 @@
-"""Files copied into a Hugging Face export of a routed MoM (loaded with ``trust_remote_code``).
+"""Files copied into a transformers export (``mom-convert to-hf``), loaded with ``trust_remote_code``.
 
-They import ``mom_dist`` at load time: install mom_dist in the evaluation environment.
+They import only torch, transformers and sentencepiece - never mom_dist (a test parses them and
+runs them in a venv without it) - so the export works wherever transformers does.
 """

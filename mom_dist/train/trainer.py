@@ -104,8 +104,9 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     state = ckpt.load(cfg.model)
     start_step = state["step"] if state else 0
     consumed = state["consumed_samples"] if state else 0
-    if state:
-        log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)")
+    if state and dims.rank == 0:
+        log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)"
+            + (f"; {state['resharded']}" if state.get("resharded") else ""))
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
     train_batches = data.train(consumed)
     preempt = PreemptionFlag()

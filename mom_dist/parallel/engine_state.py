@@ -71,12 +71,16 @@ def _tensor_states(state: dict, like: torch.Tensor) -> dict:
 
 
 def _new_adam_state(opt, like: torch.Tensor) -> dict:
-    """What torch's Adam/AdamW create on their first step (the state is lazy)."""
-    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+    """What the Adam optimizers we use create on their first step (their state is lazy):
+    torch's keep the step as a float tensor, DeepSpeed's CPU/fused Adam as an int."""
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        step = torch.tensor(0.0, dtype=torch.float32)
+    elif type(opt).__name__ in ("DeepSpeedCPUAdam", "FusedAdam"):
+        step = 0
+    else:
         raise ValueError(f"restoring optimizer state into {type(opt).__name__} before its first step is not "
-                         "supported; use train.optimizer=adamw")
-    state = {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": torch.zeros_like(like),
-             "exp_avg_sq": torch.zeros_like(like)}
+                         "supported; use train.optimizer=adamw or deepspeed_adam")
+    state = {"step": step, "exp_avg": torch.zeros_like(like), "exp_avg_sq": torch.zeros_like(like)}
     if any(g.get("amsgrad") for g in opt.param_groups):
         state["max_exp_avg_sq"] = torch.zeros_like(like)
     return state

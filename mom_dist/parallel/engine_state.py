@@ -180,8 +180,11 @@ def restore_state(engine, dims: ParallelDims, reader) -> None:
             lp.param.data.copy_(full.view_as(lp.param))  # bf16 weights: the masters rounded, as DeepSpeed does
             for frag in lp.fragments:
                 for kind, view in frag.views.items():
-                    view.copy_(full.narrow(0, frag.start - lp.start, frag.numel) if kind == "param"
-                               else reader.read(kind, lp.name, frag.start, frag.numel))
+                    if kind == "param":
+                        view.copy_(full.narrow(0, frag.start - lp.start, frag.numel))
+                    elif kind in reader.kinds(lp.name) or reader.steps.get(lp.name, 0):
+                        view.copy_(reader.read(kind, lp.name, frag.start, frag.numel))
+                    # else: saved before its first update, when Adam's moments did not exist yet
                 key = id(frag.state)
                 steps[key] = max(steps.get(key, 0), reader.steps.get(lp.name, 0))
         for lp in params:

@@ -66,7 +66,7 @@ class Checkpointer:
             os.makedirs(path, exist_ok=True)
         _barrier()
         pieces, shapes, steps = engine_state.state_pieces(self.engine, self.dims)
-        self.bytes_written = write_pieces(path, self.dims.rank, self.dims.world_size, pieces, shapes, steps)
+        write_pieces(path, self.dims.rank, self.dims.world_size, pieces, shapes, steps)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         torch.save(rng, os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt"))
         if self.dims.rank == 0:

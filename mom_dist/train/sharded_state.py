@@ -72,11 +72,14 @@ class ShardedState:
                 kind, name, start = key.rsplit(":", 2)
                 n = f.get_slice(key).get_shape()[0]
                 self._index.setdefault((kind, name), []).append((int(start), int(start) + n, len(self._files) - 1, key))
-        for pieces in self._index.values():
+        self._kinds: dict[str, set] = {}
+        for (kind, name), pieces in self._index.items():
             pieces.sort()
+            self._kinds.setdefault(name, set()).add(kind)
 
     def kinds(self, name: str) -> set:
-        return {kind for kind, n in self._index if n == name}
+        """The kinds of state saved for parameter ``name``."""
+        return self._kinds.get(name, set())
 
     def numel(self, name: str) -> int:
         n = 1

@@ -16,7 +16,7 @@ from a copy of it. Runs are grouped by world size so each group of processes sta
              INIT/INITRUN: train.init_from = R4's export / R4's run directory
              LEGACY: a DeepSpeed-format checkpoint at another layout -> refused
     world 4: G4  = A2@4 -> EP4 ZeRO-2                               (grow; ZeRO 0 -> 2)
-             BF4 = B2@4 -> bf16 EP4 ZeRO-1
+             BF4 = B2@4 -> bf16 EP4 ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer)
 """
 
 import json
@@ -57,8 +57,10 @@ def runs(tmp_path_factory):
                run("INIT", 1, 0, "train.steps=2", f"train.init_from={tmp / 'R4_export'}"),
                run("INITRUN", 1, 0, "train.steps=2", f"train.init_from={tmp / 'R4'}"),
                run("LEGACY", 1, 0, copy_from=("S2", "step00000006"), legacy=True, expect_error=True)])
+    (tmp / "fp32_accumulation.json").write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
     launch(4, [run("G4", 4, 2, copy_from=("A2", "step00000004")),
-               run("BF4", 4, 1, "train.precision=bf16", copy_from=("B2", "step00000004"))])
+               run("BF4", 4, 1, "train.precision=bf16", f"parallel.ds_config={tmp / 'fp32_accumulation.json'}",
+                   copy_from=("B2", "step00000004"))])
     return tmp, results
 
 
@@ -105,6 +107,7 @@ def test_ep_change_at_the_same_world(runs):
 
 def test_grow_world2_to_world4_ep4_and_zero0_to_zero2(runs):
     tmp, results = runs
+    assert (results["A2"]["optimizer"], results["G4"]["optimizer"]) == ("AdamW", "DeepSpeedZeroOptimizer")
     assert_tracks(tmp, results, "A2", "G4", 4)
     assert_same_weights(tmp, "A2", "G4")
     assert not any("resharded" in line for line in results["A2"]["log"])
@@ -112,6 +115,9 @@ def test_grow_world2_to_world4_ep4_and_zero0_to_zero2(runs):
 
 def test_bf16_resumes_on_other_layouts_within_its_tolerance(runs):
     tmp, results = runs
+    # three of DeepSpeed's bf16 optimizers: the state moves between all of them
+    assert [results[n]["optimizer"] for n in ("B2", "BF1", "BF4")] == \
+        ["DeepSpeedZeroOptimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer"]
     for resumed in ("BF1", "BF4"):
         assert_tracks(tmp, results, "B2", resumed, 4, rel=2e-2)
         assert_same_weights(tmp, "B2", resumed, rtol=0, atol=2e-2)

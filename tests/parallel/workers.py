@@ -162,7 +162,8 @@ def train_chain(args: dict) -> dict:
             continue
         dims = build_parallel_dims(cfg.parallel.ep_size)
         torch.save(_global_params(res.engine.module, dims), os.path.join(args["dump"], f"{run['name']}_rank{rank}.pt"))
-        results[run["name"]] = {"losses": res.losses, "steps_done": res.steps_done, "log": logs}
+        results[run["name"]] = {"losses": res.losses, "steps_done": res.steps_done, "log": logs,
+                                "optimizer": type(res.engine.optimizer).__name__}
         del res
     return results
 

@@ -119,13 +119,16 @@ def test_bf16_resumes_on_other_layouts_within_its_tolerance(runs):
     assert [results[n]["optimizer"] for n in ("B2", "BF1", "BF4")] == \
         ["DeepSpeedZeroOptimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer"]
     for resumed in ("BF1", "BF4"):
-        assert_tracks(tmp, results, "B2", resumed, 4, rel=2e-2)
-        assert_same_weights(tmp, "B2", resumed, rtol=0, atol=2e-2)
+        assert_tracks(tmp, results, "B2", resumed, 4, rel=5e-3)
+        assert_same_weights(tmp, "B2", resumed, rtol=0, atol=1.6e-2)  # 2 bf16 ulps at |w| < 2
     assert any("to world 1 / EP1 / ZeRO-0 / bf16" in line for line in results["BF1"]["log"])
 
 
 def test_checkpoints_hold_no_deepspeed_tool_and_no_pickled_weights(runs):
+    """DeepSpeed's format left zero_to_fp32.py / zero_to_torch.py next to the step directories,
+    and they failed on our MoE files; nothing of DeepSpeed's is written now."""
     tmp, _ = runs
+    assert sorted(os.listdir(tmp / "R4" / "checkpoints")) == ["latest", "step00000004", "step00000008"]
     tag = tmp / "R4" / "checkpoints" / "step00000008"
     files = sorted(os.listdir(tag))
     assert not [f for f in files if f.startswith("zero_to") or f.endswith("model_states.pt")

@@ -36,7 +36,7 @@ def _tag_dir(path: str, tag: str | None) -> str:
         latest = os.path.join(ckpts, "latest")
         if not os.path.exists(latest):
             raise ValueError(f"'{path}' holds no 'latest' file and no mom_state.json: pass a run directory, its "
-                             "checkpoints/ directory, one step directory or a `mom-convert export` directory")
+                             "checkpoints/ directory or one step directory")
         tag = open(latest).read().strip()
     tag_dir = os.path.join(ckpts, tag)
     if not os.path.exists(os.path.join(tag_dir, "mom_state.json")):

@@ -1,9 +1,11 @@
 """Read training checkpoints back as one plain model, whatever layout wrote them.
 
-``consolidate(ckpt_dir)`` gathers DeepSpeed's files - non-module weights from
-``mp_rank_00_model_states.pt`` and one ``layer_{L}_expert_{r}_...`` file per pool and EP rank
-(its slice of the stacked module tensors) - into the state dict of a plain ``MoMModel``, with
-the run's config. ``init_from_source`` starts a run from a consolidated/DeepSpeed checkpoint of any layout
+``consolidate(ckpt_dir)`` assembles the fp32 masters of a checkpoint (the ``param`` pieces of
+``mom_dist.train.sharded_state``, written by every rank) into the state dict of a plain
+``MoMModel``, with the run's config. Checkpoints in DeepSpeed's own format (earlier versions)
+are read from its files: non-module weights from ``mp_rank_00_model_states.pt`` and one
+``layer_{L}_expert_{r}_...`` file per pool and EP rank (its slice of the stacked module tensors).
+``init_from_source`` starts a run from a checkpoint of any layout or an exported directory
 (same architecture: weights copied; a vanilla GPT-2 run: phase-2 decomposition) or from a
 Hugging Face GPT-2 directory.
 """
@@ -19,6 +21,7 @@ import torch
 
 from mom_dist.config_utils import from_dict
 from mom_dist.model.config import ModelConfig
+from mom_dist.train.sharded_state import FORMAT, ShardedState
 
 # Where DeepSpeed's MoE checkpointing puts a pool's tensors (see PoolAsDeepSpeedMoE); group 1 is
 # the EP rank whose slice the file holds.
@@ -47,6 +50,19 @@ def consolidate(path: str, tag: str | None = None) -> tuple[ModelConfig, dict, d
     with open(os.path.join(tag_dir, "mom_state.json")) as f:
         state = json.load(f)
     mcfg = from_dict(ModelConfig, state["config"]["model"], "model.")
+    if state.get("format") == FORMAT:
+        reader = ShardedState(tag_dir, state["layout"]["world_size"])
+        sd = {name: reader.full("param", name) for name in reader.shapes}
+    else:
+        sd = _consolidate_deepspeed(tag_dir)
+    missing = _expected_keys(mcfg) - set(sd)
+    if missing:
+        raise ValueError(f"checkpoint '{tag_dir}' lacks {len(missing)} weights (e.g. {sorted(missing)[:3]}); "
+                         "it is truncated or was written by another model layout")
+    return mcfg, sd, state
+
+
+def _consolidate_deepspeed(tag_dir: str) -> dict:
     main = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     sd = dict(main["module"])
     slices: dict[str, list] = {}  # plain key -> [(EP rank, local slice of the stacked pool tensor)]
@@ -56,11 +72,7 @@ def consolidate(path: str, tag: str | None = None) -> tuple[ModelConfig, dict, d
             slices.setdefault(EXPERT_KEY.sub(".", k), []).append((int(m.group(1)), v))
     for k, parts in slices.items():
         sd[k] = torch.cat([v for _, v in sorted(parts, key=lambda x: x[0])])
-    missing = _expected_keys(mcfg) - set(sd)
-    if missing:
-        raise ValueError(f"checkpoint '{tag_dir}' lacks {len(missing)} weights (e.g. {sorted(missing)[:3]}); "
-                         "it is truncated or was written by another model layout")
-    return mcfg, sd, state
+    return sd
 
 
 def _expected_keys(mcfg: ModelConfig) -> set:
@@ -70,7 +82,8 @@ def _expected_keys(mcfg: ModelConfig) -> set:
 
 
 def init_from_source(model, source: str) -> None:
-    """Initialise ``model`` from a trainer checkpoint, an exported directory or a Hugging Face GPT-2
+    """Initialise ``model``'s weights (the optimizer starts fresh) from a trainer run or checkpoint
+    of any layout, a ``mom-convert export`` / ``from-release`` directory, or a Hugging Face GPT-2
     directory."""
     from mom_dist.convert.gpt2 import init_mom_from_gpt2
 

@@ -2,9 +2,9 @@
 
 - Module pools are presented to DeepSpeed as native MoE layers (``PoolAsDeepSpeedMoE``), so the
   engine (a) reduces module gradients over the expert-data-parallel group and the rest over the
-  world, (b) keeps module parameters in their own ZeRO partitions, (c) writes one checkpoint
-  file per pool and EP rank (its slice of the stacked modules), from the rank that owns it, and
-  reads it back on any layout with the same ``ep_size``.
+  world, (b) keeps module parameters in their own ZeRO partitions. (Checkpoints do not use
+  DeepSpeed's format, which ties optimizer shards to the layout: ``engine_state`` reads and
+  restores the engine's state in any layout.)
 - ``build_ds_config`` generates the DeepSpeed config from ours and merges a user JSON over it,
   rejecting settings that contradict ours before any collective starts.
 - ``initialize`` builds the optimizer param groups (weight decay split, module groups split per
@@ -34,11 +34,11 @@ from mom_dist.parallel.dims import ParallelDims
 class PoolAsDeepSpeedMoE(MoE):
     """A module pool seen by DeepSpeed as a native MoE layer.
 
-    DeepSpeed's MoE checkpointing writes one file per "expert", found at
-    ``deepspeed_moe.experts.deepspeed_experts.{i}``. Our pools stack their modules, so each EP
-    rank's whole slice is one such expert (``num_local_experts = 1``, ``num_experts = ep_size``):
-    the engine writes ``layer_{L}_expert_{ep_rank}_...`` from the owning rank and reads it back
-    on any layout with the same ``ep_size``. Computation is delegated to the wrapped pool.
+    DeepSpeed finds "experts" at ``deepspeed_moe.experts.deepspeed_experts.{i}``. Our pools stack
+    their modules, so each EP rank's whole slice is one such expert (``num_local_experts = 1``,
+    ``num_experts = ep_size``); DeepSpeed's own checkpoint format (written by earlier mom_dist
+    versions, still read by ``convert.checkpoints``) has one ``layer_{L}_expert_{ep_rank}_...``
+    file per pool and EP rank. Computation is delegated to the wrapped pool.
     """
 
     def __init__(self, pool: ModulePool, dims: ParallelDims):

@@ -1,17 +1,20 @@
-"""Checkpoints through the DeepSpeed engine, with what the engine does not keep.
+"""Checkpoints: the engine's state in a layout-free format, with what the engine does not keep.
 
 Layout of ``<out_dir>/checkpoints``:
     latest                      tag of the newest *complete* checkpoint (written last, atomically)
-    step00000300/               DeepSpeed's files: non-module weights, one file per module
-                                (written by its owning EP rank), optimizer/ZeRO shards, scheduler
-    step00000300/mom_state.json step, consumed samples, layout, config
+    step00000300/state_rank00001.safetensors
+                                the pieces of the training state rank 1 owns: fp32 masters, Adam
+                                moments, step counts, by single-process parameter name and global
+                                offset (``mom_dist.train.sharded_state``)
+    step00000300/mom_state.json step, consumed samples, layout, engine counters and schedule, config
     step00000300/rng_rank00001.pt   torch/python RNG state of each rank
 
 ``latest`` changes only after every rank has finished writing (barrier), so a crash during a
 save leaves the previous checkpoint in force; older complete checkpoints beyond ``keep_last``
-are deleted only after that. Resuming requires the same EP size and world size (DeepSpeed's
-optimizer shards are tied to the layout); a mismatch is an error before anything is loaded.
-A SIGTERM/SIGUSR1 (cluster preemption) asks for a save at the next step boundary.
+are deleted only after that. A checkpoint resumes on any layout (world size, ``ep_size``, ZeRO
+stage, precision): every rank reads the ranges its new layout owns (``engine_state``). A
+checkpoint of DeepSpeed's own format (written by earlier versions) resumes on its own layout
+only. A SIGTERM/SIGUSR1 (cluster preemption) asks for a save at the next step boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import signal
 
 import torch
 import torch.distributed as dist
+
+from mom_dist.parallel import engine_state
+from mom_dist.train.sharded_state import FORMAT, ShardedState, write_pieces
 
 
 def _barrier():
@@ -46,17 +52,28 @@ class Checkpointer:
         with open(path) as f:
             return f.read().strip() or None
 
+    def layout(self) -> dict:
+        e = self.engine
+        return {"world_size": self.dims.world_size, "ep_size": self.dims.ep_size,
+                "zero_stage": int(e.zero_optimization_stage()), "precision": "bf16" if e.bfloat16_enabled() else "fp32"}
+
     def save(self, step: int, consumed_samples: int, config: dict) -> str:
         tag = f"step{step:08d}"
-        layout = {"world_size": self.dims.world_size, "ep_size": self.dims.ep_size}
-        self.engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         path = os.path.join(self.dir, tag)
+        if self.dims.rank == 0:
+            if os.path.isdir(path) and tag != self.latest_tag():
+                shutil.rmtree(path)  # left by an interrupted save of this step, perhaps by more ranks
+            os.makedirs(path, exist_ok=True)
+        _barrier()
+        pieces, shapes, steps = engine_state.state_pieces(self.engine, self.dims)
+        write_pieces(path, self.dims.rank, self.dims.world_size, pieces, shapes, steps)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         torch.save(rng, os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt"))
         if self.dims.rank == 0:
             with open(os.path.join(path, "mom_state.json"), "w") as f:
-                json.dump({"step": step, "consumed_samples": consumed_samples, "layout": layout, "config": config},
-                          f, indent=1, default=str)
+                json.dump({"step": step, "consumed_samples": consumed_samples, "format": FORMAT,
+                           "layout": self.layout(), "engine": engine_state.engine_scalars(self.engine),
+                           "config": config}, f, indent=1, default=str)
         _barrier()  # every rank has written its files
         if self.dims.rank == 0:
             tmp = os.path.join(self.dir, "latest.tmp")
@@ -93,20 +110,39 @@ class Checkpointer:
         if not same_architecture(from_dict(ModelConfig, state["config"]["model"], "model."), model_cfg):
             raise ValueError(f"'{self.dir}' holds checkpoints of a different model architecture; use a new "
                              "train.out_dir (to start from those weights, set train.init_from to that run)")
-        layout = state["layout"]
-        if layout["ep_size"] != self.dims.ep_size or layout["world_size"] != self.dims.world_size:
+        saved, now = state["layout"], self.layout()
+        same_world = (saved["world_size"], saved["ep_size"]) == (now["world_size"], now["ep_size"])
+        if state.get("format") == FORMAT:
+            engine_state.restore_state(self.engine, self.dims, ShardedState(path, saved["world_size"]))
+            engine_state.restore_scalars(self.engine, state["engine"])
+        elif same_world:  # DeepSpeed's own format, written by earlier versions
+            load_path, _ = self.engine.load_checkpoint(self.dir, tag=tag)
+            if load_path is None:
+                raise ValueError(f"DeepSpeed could not load checkpoint '{path}'")
+        else:
             raise ValueError(
-                f"checkpoint '{path}' was written with world_size={layout['world_size']}, "
-                f"ep_size={layout['ep_size']}; this run has world_size={self.dims.world_size}, "
-                f"ep_size={self.dims.ep_size}. Resume with the same layout, or convert it with "
-                "`mom-convert consolidate` and start a new run from it (train.init_from)")
-        load_path, _ = self.engine.load_checkpoint(self.dir, tag=tag)
-        if load_path is None:
-            raise ValueError(f"DeepSpeed could not load checkpoint '{path}'")
-        rng = torch.load(os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt"), weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+                f"checkpoint '{path}' is in DeepSpeed's own format (earlier mom_dist), which resumes only with "
+                f"world_size={saved['world_size']}, ep_size={saved['ep_size']} (this run: world_size="
+                f"{now['world_size']}, ep_size={now['ep_size']}); resume once with that layout (its next "
+                "checkpoint resumes on any layout), or start a new run from its weights with train.init_from")
+        rng_file = os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt")
+        if os.path.exists(rng_file):
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+        else:  # a rank the writing layout did not have: its own stream, moved on by the step
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * state["step"])
+            random.seed(torch.initial_seed())
+        changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k, now[k]) != now[k]}
+        state["resharded"] = f"resharded from {_describe(saved)} to {_describe(now)}" if changed else None
         return state
+
+
+def _describe(layout: dict) -> str:
+    text = f"world {layout['world_size']} / EP{layout['ep_size']}"
+    if "zero_stage" in layout:
+        text += f" / ZeRO-{layout['zero_stage']}"
+    return text + (" / bf16" if layout.get("precision") == "bf16" else "")
 
 
 class PreemptionFlag:

@@ -107,7 +107,8 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     start_step = state["step"] if state else 0
     consumed = state["consumed_samples"] if state else 0
     if state and dims.rank == 0:
-        log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)")
+        log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)"
+            + (f"; {state['resharded']}" if state.get("resharded") else ""))
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
     train_batches = data.train(consumed)
     preempt = PreemptionFlag()

@@ -124,6 +124,50 @@ def train_layouts(args: dict) -> dict:
     return results
 
 
+def train_chain(args: dict) -> dict:
+    """Train each run of ``args["runs"]`` in turn in this process group. A run may first take a
+    checkpoint of an earlier run (``copy_from: [out_dir, tag]``, copied by rank 0 into its own
+    out_dir as ``latest``; ``legacy: true`` strips the format mark, as earlier versions wrote
+    it). Records losses, log lines or the error, and dumps final parameters."""
+    import json
+    import shutil
+
+    from mom_dist.config import load_config
+    from mom_dist.parallel.dims import build_parallel_dims
+    from mom_dist.train.trainer import train
+
+    rank = dist.get_rank()
+    results = {}
+    for run in args["runs"]:
+        out = os.path.join(args["dump"], run["name"])
+        if run.get("copy_from") and rank == 0:
+            src, tag = run["copy_from"]
+            shutil.copytree(os.path.join(args["dump"], src, "checkpoints", tag), os.path.join(out, "checkpoints", tag))
+            with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+                f.write(tag)
+            if run.get("legacy"):
+                state_file = os.path.join(out, "checkpoints", tag, "mom_state.json")
+                state = json.load(open(state_file))
+                del state["format"]
+                json.dump(state, open(state_file, "w"))
+        dist.barrier()
+        cfg = load_config(args["config"], args["base"] + run["overrides"] + [f"train.out_dir={out}"])
+        logs = []
+        try:
+            res = train(cfg, log=logs.append)
+        except ValueError as e:
+            if not run.get("expect_error"):
+                raise
+            results[run["name"]] = {"error": str(e)}
+            continue
+        dims = build_parallel_dims(cfg.parallel.ep_size)
+        torch.save(_global_params(res.engine.module, dims), os.path.join(args["dump"], f"{run['name']}_rank{rank}.pt"))
+        results[run["name"]] = {"losses": res.losses, "steps_done": res.steps_done, "log": logs,
+                                "optimizer": type(res.engine.optimizer).__name__}
+        del res
+    return results
+
+
 def train_once(args: dict) -> dict:
     from mom_dist.config import load_config
     from mom_dist.parallel.dims import build_parallel_dims

@@ -97,7 +97,7 @@ def check_resume(cfg, saved_config: dict, where: str) -> list[tuple[str, object,
     if refused:
         raise ValueError(f"cannot resume {where} with a changed sample stream or routing ({_show(refused)}); "
                          "set them back, or start a new train.out_dir with train.init_from=<this run>")
-    return [(f"train.{k}", old_t.get(k), new_t[k]) for k in APPLIED_TRAIN_KEYS
+    return [(f"train.{k}", _norm(old_t.get(k)), _norm(new_t[k])) for k in APPLIED_TRAIN_KEYS
             if k in old_t and _norm(old_t[k]) != _norm(new_t[k])]
 
 

@@ -9,7 +9,7 @@ engine -> resume if a checkpoint exists -> loop over optimizer steps (each = gra
 accumulation over this rank's micro-batches) with logging, telemetry, evaluation, checkpoints
 and preemption -> final checkpoint and validation perplexity.
 
-Safety around that (docs/usage.md, "Checkpoints"): rank 0 locks ``out_dir`` before anything is
+Safety around that (docs/usage.md, "Checkpoint safety"): rank 0 locks ``out_dir`` before anything is
 written (``run_lock``); a resume that would change the computation is refused before anything
 is loaded (``resume_policy``), recipe changes are applied and logged; ``config.json`` is written
 only once the run is accepted; non-finite steps are skipped and a diverged run stops with exit
@@ -35,9 +35,9 @@ from mom_dist.parallel.runtime import init_distributed
 from mom_dist.train.checkpoint import Checkpointer, PreemptionFlag
 from mom_dist.train.data import build_data
 from mom_dist.train.divergence import NonFiniteGuard
+from mom_dist.train.metrics import MetricsWriter, progress_line
 from mom_dist.train.resume_policy import check_resume, latest_state
 from mom_dist.train.run_lock import RunLock
-from mom_dist.train.metrics import MetricsWriter, progress_line
 from mom_dist.train.telemetry import routing_telemetry, summarize
 
 

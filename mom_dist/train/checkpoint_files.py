@@ -1,8 +1,9 @@
 """Reading checkpoint files without running code from them, and the per-rank RNG files.
 
 A ``.pt`` file is a pickle: loading it with ``torch.load(weights_only=False)`` can execute
-anything its author put in it. Every read of ours goes through ``load_plain`` (``weights_only=
-True``: tensors, numbers, strings, lists, dicts, plus the three plain DeepSpeed types below).
+anything its author put in it. Every read of ours goes through ``load_plain``: the globals the pickle names are listed
+without executing it (anything but the three plain DeepSpeed types below is refused, naming
+it), then ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts) reads it.
 DeepSpeed's own loader unpickles its files fully; before the trainer hands a checkpoint to it,
 ``verify_plain`` reads every ``.pt`` file of that checkpoint the safe way, so a file that would
 run code is refused before DeepSpeed sees it - and DeepSpeed only ever loads from the run's own
@@ -21,33 +22,44 @@ import random
 import torch
 
 
-def _deepspeed_plain_types() -> list:
-    """Types DeepSpeed 0.19 pickles into its ZeRO optimizer files: data only (a loss-scale
-    record, a dataclass of two ints, an enum)."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
-        return []
-    return [LossScaler, ZeroStageEnum, fragment_address]
+# Types DeepSpeed 0.19 pickles into its ZeRO optimizer files: data only (a loss-scale record,
+# a dataclass of two ints, an enum). Imported only when a file names them (importing DeepSpeed
+# prints to stdout, which a command like mom-eval keeps for its JSON).
+DEEPSPEED_PLAIN_TYPES = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    "deepspeed.runtime.zero.config.ZeroStageEnum": ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    "deepspeed.utils.tensor_fragment.fragment_address": ("deepspeed.utils.tensor_fragment", "fragment_address"),
+}
 
 
 class UnsafeCheckpointFile(ValueError):
     """A checkpoint file that is not plain data (loading it could run code)."""
 
 
+def _refuse(path: str, what: str):
+    raise UnsafeCheckpointFile(f"refusing to load '{path}': it is not plain tensor data and loading it could run "
+                               f"code ({what[:160]}); only load checkpoints you wrote yourself") from None
+
+
 def load_plain(path: str, map_location="cpu"):
     """``torch.load`` that refuses anything but plain data, with a one-line reason."""
+    import importlib
+
+    try:  # reads the pickle's opcodes without executing any
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: torch.load below refuses or reads it
+        named = []
+    foreign = [g for g in named if g not in DEEPSPEED_PLAIN_TYPES]
+    if foreign:
+        _refuse(path, "it names " + ", ".join(foreign[:3]))
+    allowed = [getattr(importlib.import_module(DEEPSPEED_PLAIN_TYPES[g][0]), DEEPSPEED_PLAIN_TYPES[g][1])
+               for g in named]
     try:
-        with torch.serialization.safe_globals(_deepspeed_plain_types()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        reason = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise UnsafeCheckpointFile(
-            f"refusing to load '{path}': it is not plain tensor data and loading it could run code "
-            f"({reason[:160]}); only load checkpoints you wrote yourself") from None
+        lines = str(e).strip().splitlines()
+        _refuse(path, next((x.strip() for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else ""))
 
 
 def verify_plain(tag_dir: str, rank: int = 0, world_size: int = 1) -> None:

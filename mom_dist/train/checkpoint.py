@@ -137,21 +137,25 @@ class Checkpointer:
         load_rng(os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt"))
         return state
 
-    def rollback_before(self, first_bad_step: int) -> str | None:
+    def rollback_before(self, first_bad_step: int) -> tuple[str | None, bool]:
         """A run diverged from ``first_bad_step`` on: a ``latest`` saved at the step just before
         holds the update that produced the first non-finite step, so point ``latest`` back at
-        the newest finite checkpoint before it (kept by ``_prune``). Returns ``latest`` after."""
+        the newest finite checkpoint before it (kept by ``_prune``). Returns (``latest`` after,
+        whether it is still that suspect checkpoint because no older one exists)."""
         tag = self.latest_tag()
-        if self.dims.rank == 0 and tag is not None and int(tag[4:]) >= first_bad_step - 1:
+        suspect = tag is not None and int(tag[4:]) >= first_bad_step - 1
+        if suspect:
             older = sorted(t for t in os.listdir(self.dir) if t.startswith("step") and t < tag
                            and _is_finite(os.path.join(self.dir, t)))
             if older:
-                tmp = os.path.join(self.dir, "latest.tmp")
-                with open(tmp, "w") as f:
-                    f.write(older[-1])
-                os.replace(tmp, os.path.join(self.dir, "latest"))
+                if self.dims.rank == 0:
+                    tmp = os.path.join(self.dir, "latest.tmp")
+                    with open(tmp, "w") as f:
+                        f.write(older[-1])
+                    os.replace(tmp, os.path.join(self.dir, "latest"))
+                tag, suspect = older[-1], False
         _barrier()
-        return self.latest_tag()
+        return tag, suspect
 
     def _verify_plain(self, path: str) -> None:
         """Every .pt file of the checkpoint is plain data, checked before DeepSpeed's loader

@@ -62,7 +62,7 @@ class NonFiniteGuard:
         return self.streak >= self.max_steps
 
     def raise_diverged(self, step: int, parts: torch.Tensor, last_batch: dict, forward, ckpt):
-        last_ckpt = ckpt.rollback_before(self.first_bad_step) if ckpt is not None else None
+        last_ckpt, suspect = ckpt.rollback_before(self.first_bad_step)
         losses = [f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, parts.tolist()) if not math.isfinite(v)]
         grads, weights = _nonfinite_parts(self.engine, last_batch, forward)
         where = []
@@ -76,8 +76,10 @@ class NonFiniteGuard:
         raise TrainingDiverged(
             f"training diverged at step {step}: {self.streak} consecutive non-finite steps "
             f"(train.max_nonfinite_steps={self.max_steps}), their updates skipped; " + "; ".join(where)
-            + f". Latest checkpoint: {last_ckpt or 'none'} (the newest finite state); lower train.lr or raise "
-            "train.warmup_steps, then resume")
+            + (f". Latest checkpoint: {last_ckpt} (saved right before step {self.first_bad_step}, whose update may "
+               "have caused this; no older one exists)" if suspect else
+               f". Latest checkpoint: {last_ckpt or 'none'} (the newest finite state)")
+            + "; lower train.lr or raise train.warmup_steps, then resume")
 
 
 def _nonfinite_parts(engine, batch: dict, forward) -> tuple[list[str], list[str]]:

@@ -255,3 +255,22 @@ def test_full_disk_names_the_path_and_keeps_latest(small_disk):
     assert sorted(t for t in os.listdir(out / "checkpoints") if t.startswith("step")) == ["step00000001"]
     from mom_dist.convert.checkpoints import consolidate
     assert consolidate(str(out))[2]["step"] == 1  # the kept checkpoint is whole
+
+
+def test_divergence_with_expert_parallel_zero2_ranks(tmp_path):
+    """Two ranks, EP2, ZeRO-2 (DeepSpeed's own overflow path): both stop with exit code 3 and the
+    same diagnosis; the only checkpoint, written right before the divergence, is named suspect."""
+    out, port = tmp_path / "run", free_port()
+    args = cmd(out, "parallel.ep_size=2", "parallel.zero_stage=2", "train.lr=1e6", "train.max_nonfinite_steps=2")
+    procs = [subprocess.Popen(args, cwd=ROOT, env=worker_env(r, 2, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], logs
+    msgs = [errors(subprocess.CompletedProcess([], 3, out_, err)) for out_, err in logs]
+    assert msgs[0] == msgs[1] and len(msgs[0]) == 1
+    assert "2 consecutive non-finite steps (train.max_nonfinite_steps=2)" in msgs[0][0]
+    assert "chunks.0.ffn_pool" in msgs[0][0]  # a pool half of whose modules live on the other rank
+    tag = latest(out)
+    assert f"Latest checkpoint: {tag} (saved right before step" in msgs[0][0]
+    assert json.load(open(out / "checkpoints" / tag / "mom_state.json"))["finite"]
+    assert not (out / "mom_train.lock").exists()

@@ -37,10 +37,11 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_interval: int = 10
     eval_interval: int = 200
-    eval_batches: int = 10
+    eval_batches: int = 10  # validation micro-batches in total (the same samples for every layout)
     save_interval: int = 1000  # 0: no checkpoints at all (benchmarks, tests)
     stop_after: int | None = None  # leave (with a checkpoint) after this many steps in this launch
     keep_last: int = 2  # checkpoints kept (older ones deleted after a newer one is complete)
+    max_nonfinite_steps: int = 3  # consecutive non-finite steps (updates skipped) before exit code 3
     telemetry_interval: int = 50
     tensorboard: bool = True
 
@@ -50,6 +51,7 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
         check(self.save_interval >= 0, "train.save_interval must be >= 0 (0 disables checkpoints)")
         check(self.stop_after is None or self.stop_after >= 1, "train.stop_after must be >= 1 or null")
+        check(self.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
         check(self.eval_batches >= 0 and self.warmup_steps >= 0 and self.keep_last >= 1,
               "train.eval_batches and train.warmup_steps must be >= 0, train.keep_last >= 1")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "train.lr must be > 0 and train.min_lr_ratio in [0, 1]")

@@ -29,11 +29,16 @@ def main(argv=None) -> int:
         return 2
     from mom_dist.train.trainer import train
 
+    from mom_dist.exit_codes import DIVERGED, TrainingDiverged
+
     try:
         result = train(cfg)
     except (ValueError, LaunchError) as e:
         print(f"mom-train: error: {e}", file=sys.stderr)
         shutdown(2)
+    except TrainingDiverged as e:
+        print(f"mom-train: error: {e}", file=sys.stderr)
+        shutdown(DIVERGED)
     print(f"mom-train: done: {result.steps_done} steps, final loss {result.final_loss:.4f}"
           + (f", validation perplexity {result.valid_ppl:.2f}" if result.valid_ppl else ""), flush=True)
     shutdown(0)

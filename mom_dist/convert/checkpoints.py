@@ -21,6 +21,7 @@ import torch
 
 from mom_dist.config_utils import from_dict
 from mom_dist.model.config import ModelConfig
+from mom_dist.train.checkpoint_files import load_plain
 from mom_dist.train.sharded_state import FORMAT, ShardedState
 
 # Where DeepSpeed's MoE checkpointing puts a pool's tensors (see PoolAsDeepSpeedMoE); group 1 is
@@ -63,11 +64,11 @@ def consolidate(path: str, tag: str | None = None) -> tuple[ModelConfig, dict, d
 
 
 def _consolidate_deepspeed(tag_dir: str) -> dict:
-    main = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    main = load_plain(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))  # never runs code from the file
     sd = dict(main["module"])
     slices: dict[str, list] = {}  # plain key -> [(EP rank, local slice of the stacked pool tensor)]
     for f in glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+        for k, v in load_plain(f).items():
             m = EXPERT_KEY.search(k)
             slices.setdefault(EXPERT_KEY.sub(".", k), []).append((int(m.group(1)), v))
     for k, parts in slices.items():

@@ -209,7 +209,8 @@ class GlobalNormClipper:
         self.last_norm = 0.0
 
     def clip_param_grads(self, params) -> float:
-        """ZeRO 0 fp32: gradients are full and reduced on every rank."""
+        """ZeRO 0 fp32: gradients are full and reduced on every rank. Returns the norm before
+        clipping."""
         grads = [(id(p), p.grad) for p in params if p.grad is not None]
         dev = grads[0][1].device
         module_sq = torch.zeros((), device=dev)
@@ -223,9 +224,10 @@ class GlobalNormClipper:
         if self.dims.ep_group is not None and self.dims.ep_size > 1:
             dist.all_reduce(module_sq, group=self.dims.ep_group)  # each EP rank holds other modules
         norm = (module_sq + other_sq).sqrt()
-        coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-        for _, g in grads:
-            g.mul_(coef.to(g.dtype))
+        if self.max_norm > 0:  # grad_clip=0: the norm is still needed for the non-finite check
+            coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            for _, g in grads:
+                g.mul_(coef.to(g.dtype))
         self.last_norm = float(norm)
         return self.last_norm
 
@@ -234,11 +236,50 @@ def _install_clipping(engine, model, dims: ParallelDims) -> GlobalNormClipper:
     """ZeRO 0 in fp32: replace the engine's clipping (an average of per-rank norms) by ours.
     ZeRO 1/2 compute the global norm correctly (module groups summed over every rank's
     partition) and keep DeepSpeed's clipping; the layout-invariance tests cover ZeRO 0/1/2 in
-    fp32 with clipping active. The bf16 optimizers keep DeepSpeed's own norm."""
+    fp32 with clipping active. The bf16 optimizers keep DeepSpeed's own norm.
+
+    Non-finite gradients: DeepSpeed's ZeRO 1/2 optimizers (fp32: invalid global norm; bf16:
+    ``check_grad_overflow``, on by default) and its bf16 optimizer skip the update, clear the
+    gradients and report ``overflow``, upon which the engine counts a skipped step and does not
+    advance the LR schedule. Its ZeRO-0 fp32 path has no such check, so there our step does the
+    same: a non-finite global norm (the same value on every rank) drops the gradients and sets
+    ``overflow``."""
     clipper = GlobalNormClipper(model, dims, engine.gradient_clipping())
     if not engine.zero_optimization() and not engine.bfloat16_enabled():
-        engine.clip_fp32_gradients = lambda: clipper.clip_param_grads(engine.module.parameters())
+        engine.clip_fp32_gradients = lambda: None  # done in the step below, also when grad_clip=0
+        optimizer, step = engine.optimizer, engine.optimizer.step
+
+        def step_unless_nonfinite(*args, **kwargs):
+            norm = clipper.clip_param_grads(engine.module.parameters())
+            optimizer._global_grad_norm = norm  # the engine reports it (get_global_grad_norm)
+            optimizer.overflow = not math.isfinite(norm)
+            if optimizer.overflow:
+                for p in engine.module.parameters():
+                    p.grad = None
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.step = step_unless_nonfinite
     return clipper
+
+
+def apply_recipe(engine, clipper: GlobalNormClipper, cfg: Config) -> None:
+    """After a resume: make the optimizer follow this config's recipe (lr, schedule, betas, eps,
+    weight decay, clipping) instead of the values restored from the checkpoint. The schedule
+    function already reads ``cfg``; the current step's lr and the base lr are set here."""
+    t = cfg.train
+    sched = engine.lr_scheduler
+    groups = engine.optimizer.param_groups
+    lr = t.lr * lr_lambda(sched.last_epoch, t.warmup_steps, t.steps, t.min_lr_ratio)
+    sched.base_lrs = [t.lr] * len(sched.base_lrs)
+    sched._last_lr = [lr] * len(groups)
+    for g in groups:
+        g["lr"], g["betas"], g["eps"] = lr, t.betas, t.eps
+        if g.get("weight_decay", 0.0) != 0.0:  # the no-decay groups stay at 0
+            g["weight_decay"] = t.weight_decay
+    if hasattr(engine.optimizer, "clip_grad"):  # DeepSpeed restores its clip value from the checkpoint
+        engine.optimizer.clip_grad = t.grad_clip
+    clipper.max_norm = t.grad_clip
 
 
 # -------------------------------------------------------------------- initialize

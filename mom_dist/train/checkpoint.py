@@ -6,8 +6,9 @@ Layout of ``<out_dir>/checkpoints``:
                                 the pieces of the training state rank 1 owns: fp32 masters, Adam
                                 moments, step counts, by single-process parameter name and global
                                 offset (``mom_dist.train.sharded_state``)
-    step00000300/mom_state.json step, consumed samples, layout, engine counters and schedule, config
-    step00000300/rng_rank00001.pt   torch/python RNG state of each rank
+    step00000300/mom_state.json step, consumed samples, layout, engine counters and schedule, config,
+                                the step's loss and whether it was finite
+    step00000300/rng_rank00001.pt   torch/python RNG state of each rank (plain tensors)
 
 ``latest`` changes only after every rank has finished writing (barrier), so a crash during a
 save leaves the previous checkpoint in force; older complete checkpoints beyond ``keep_last``
@@ -15,10 +16,17 @@ are deleted only after that. A checkpoint resumes on any layout (world size, ``e
 stage, precision): every rank reads the ranges its new layout owns (``engine_state``). A
 checkpoint of DeepSpeed's own format (written by earlier versions) resumes on its own layout
 only. A SIGTERM/SIGUSR1 (cluster preemption) asks for a save at the next step boundary.
+
+Safety (docs/usage.md): the trainer saves only finite states, and ``_prune`` never deletes the
+newest checkpoint whose ``mom_state.json`` says ``finite``; RNG files are read as plain data
+(``checkpoint_files``), and so is every ``.pt`` file of an old DeepSpeed-format checkpoint before
+DeepSpeed unpickles it; a full disk during a save raises ``OSError(ENOSPC)`` naming the path,
+with the previous ``latest`` untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from mom_dist.parallel import engine_state
+from mom_dist.train.checkpoint_files import load_rng, save_rng, verify_plain
 from mom_dist.train.sharded_state import FORMAT, ShardedState, write_pieces
 
 
@@ -57,7 +66,7 @@ class Checkpointer:
         return {"world_size": self.dims.world_size, "ep_size": self.dims.ep_size,
                 "zero_stage": int(e.zero_optimization_stage()), "precision": "bf16" if e.bfloat16_enabled() else "fp32"}
 
-    def save(self, step: int, consumed_samples: int, config: dict) -> str:
+    def save(self, step: int, consumed_samples: int, config: dict, loss: float | None = None) -> str:
         tag = f"step{step:08d}"
         path = os.path.join(self.dir, tag)
         if self.dims.rank == 0:
@@ -67,13 +76,12 @@ class Checkpointer:
         _barrier()
         pieces, shapes, steps = engine_state.state_pieces(self.engine, self.dims)
         write_pieces(path, self.dims.rank, self.dims.world_size, pieces, shapes, steps)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        torch.save(rng, os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt"))
+        save_rng(os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt"))
         if self.dims.rank == 0:
             with open(os.path.join(path, "mom_state.json"), "w") as f:
                 json.dump({"step": step, "consumed_samples": consumed_samples, "format": FORMAT,
                            "layout": self.layout(), "engine": engine_state.engine_scalars(self.engine),
-                           "config": config}, f, indent=1, default=str)
+                           "config": config, **_finite_record(loss)}, f, indent=1, default=str)
         _barrier()  # every rank has written its files
         if self.dims.rank == 0:
             tmp = os.path.join(self.dir, "latest.tmp")
@@ -84,10 +92,34 @@ class Checkpointer:
         _barrier()
         return tag
 
+    # ------------------------------------------------------------ safety (issue 7, part 2)
+    def save_checked(self, step: int, consumed_samples: int, config: dict, loss: float) -> str:
+        """``save``, with a full disk reported as such (torch.save says only "unexpected pos")."""
+        path = os.path.join(self.dir, f"step{step:08d}")
+        previous = self.latest_tag()
+        try:
+            return self.save(step, consumed_samples, config, loss=loss)
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e, self.dir):
+                raise
+            if self.dims.rank == 0 and previous != os.path.basename(path):
+                shutil.rmtree(path, ignore_errors=True)  # the partial checkpoint: give the space back
+            raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint '{path}'; 'latest' "
+                          f"still names {previous or 'no checkpoint'}: free space (or lower train.keep_last) and "
+                          "relaunch to resume") from None
+
     def _prune(self, keep: str) -> None:
+        """Delete all but the ``keep_last`` newest checkpoints up to ``keep``, never ``keep`` and
+        never the newest finite one before it: ``keep`` holds the weights *after* its step's
+        update, which only the next step's loss confirms, so the checkpoint before it stays until
+        then (with keep_last=1 two exist between saves). A checkpoint without the ``finite``
+        record (older runs) counts as finite."""
         tags = sorted(t for t in os.listdir(self.dir) if t.startswith("step") and t <= keep)
+        finite = [t for t in tags if t < keep and _is_finite(os.path.join(self.dir, t))]
+        protected = {keep} | ({finite[-1]} if finite else set())
         for old in tags[:-self.keep_last]:
-            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+            if old not in protected:
+                shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
 
     def load(self, model_cfg, tag: str | None = None) -> dict | None:
         """Restore engine, schedule, RNG; return the saved mom_state (None if nothing to resume).
@@ -116,6 +148,7 @@ class Checkpointer:
             engine_state.restore_state(self.engine, self.dims, ShardedState(path, saved["world_size"]))
             engine_state.restore_scalars(self.engine, state["engine"])
         elif same_world:  # DeepSpeed's own format, written by earlier versions
+            self._verify_plain(path)  # its loader unpickles fully: refuse files that would run code
             load_path, _ = self.engine.load_checkpoint(self.dir, tag=tag)
             if load_path is None:
                 raise ValueError(f"DeepSpeed could not load checkpoint '{path}'")
@@ -127,15 +160,71 @@ class Checkpointer:
                 "checkpoint resumes on any layout), or start a new run from its weights with train.init_from")
         rng_file = os.path.join(path, f"rng_rank{self.dims.rank:05d}.pt")
         if os.path.exists(rng_file):
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
+            load_rng(rng_file)
         else:  # a rank the writing layout did not have: its own stream, moved on by the step
             torch.manual_seed(torch.initial_seed() + 1_000_003 * state["step"])
             random.seed(torch.initial_seed())
         changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k, now[k]) != now[k]}
         state["resharded"] = f"resharded from {_describe(saved)} to {_describe(now)}" if changed else None
         return state
+
+    def rollback_before(self, first_bad_step: int) -> tuple[str | None, bool]:
+        """A run diverged from ``first_bad_step`` on: a ``latest`` saved at the step just before
+        holds the update that produced the first non-finite step, so point ``latest`` back at
+        the newest finite checkpoint before it (kept by ``_prune``). Returns (``latest`` after,
+        whether it is still that suspect checkpoint because no older one exists)."""
+        tag = self.latest_tag()
+        suspect = tag is not None and int(tag[4:]) >= first_bad_step - 1
+        if suspect:
+            older = sorted(t for t in os.listdir(self.dir) if t.startswith("step") and t < tag
+                           and _is_finite(os.path.join(self.dir, t)))
+            if older:
+                if self.dims.rank == 0:
+                    tmp = os.path.join(self.dir, "latest.tmp")
+                    with open(tmp, "w") as f:
+                        f.write(older[-1])
+                    os.replace(tmp, os.path.join(self.dir, "latest"))
+                tag, suspect = older[-1], False
+        _barrier()
+        return tag, suspect
+
+    def _verify_plain(self, path: str) -> None:
+        """Every .pt file of the checkpoint is plain data, checked before DeepSpeed's loader
+        (which unpickles fully) touches any; all ranks learn the first problem found."""
+        error = None
+        try:
+            verify_plain(path, self.dims.rank, self.dims.world_size)
+        except ValueError as e:
+            error = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            raise ValueError(error)
+
+
+def _finite_record(loss: float | None) -> dict:
+    import math
+
+    return {} if loss is None else {"loss": loss, "finite": math.isfinite(loss)}
+
+
+def _is_finite(tag_dir: str) -> bool:
+    try:
+        with open(os.path.join(tag_dir, "mom_state.json")) as f:
+            return bool(json.load(f).get("finite", True))
+    except (OSError, ValueError):
+        return False  # incomplete: not a checkpoint to protect
+
+
+def _disk_full(err: Exception, path: str) -> bool:
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+        return True
+    try:  # torch.save's zip writer reports a short write as "unexpected pos ..."
+        return shutil.disk_usage(path).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def _describe(layout: dict) -> str:

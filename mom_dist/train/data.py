@@ -8,6 +8,10 @@
 Both follow the micro-batch contract in ``batches.py``. Data problems (missing files, a
 tokenizer whose vocabulary does not match ``model.vocab_size``) raise here, before training
 starts.
+
+Validation is layout-free: ``valid()`` returns ``(n, get)``, where ``get(m)`` is micro-batch m
+(samples ``[m*b, (m+1)*b)``) of the validation split and ``n = train.eval_batches`` (fewer if
+the split is smaller); the trainer's ``evaluate`` spreads them over the ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class SyntheticData:
     def __init__(self, cfg: Config, dims, seed: int):
         t = cfg.train
         self.tokens = SyntheticTokens(cfg.model.vocab_size, t.seq_len, seed)
+        self.n_eval = t.eval_batches
         self.kw = dict(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                        dp_rank=dims.dp_rank, dp_size=dims.dp_size)
 
@@ -29,7 +34,8 @@ class SyntheticData:
         return self.tokens.iterator(consumed_samples=consumed_samples, **self.kw)
 
     def valid(self):
-        return self.tokens.iterator(offset=self.VALID_OFFSET, **self.kw)
+        b = self.kw["micro_batch_size"]
+        return self.n_eval, lambda m: self.tokens.micro_batch(self.VALID_OFFSET + m * b, b)
 
 
 class IndexedData:
@@ -51,7 +57,7 @@ class IndexedData:
         from mom_dist.data.loader import build_data_iterators
 
         t = self.cfg.train
-        per_eval = max(1, t.eval_batches) * t.micro_batch_size * self.dims.dp_size
+        per_eval = max(1, t.eval_batches) * t.micro_batch_size
         return build_data_iterators(
             self.data_cfg, vocab_size=self.cfg.model.vocab_size, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
@@ -64,7 +70,18 @@ class IndexedData:
         return iter(its.train)
 
     def valid(self):
-        return iter(self.its.valid) if self.its.valid is not None else None
+        if self.its.valid is None:
+            return None
+        from mom_dist.data.loader import MicroBatchIterator
+
+        t, ds = self.cfg.train, self.its.valid_dataset
+        b = t.micro_batch_size
+
+        def get(m):  # one micro-batch, as a one-rank iterator over exactly its samples sees it
+            return next(MicroBatchIterator(ds, start_sample=m * b, end_sample=(m + 1) * b, global_batch_size=b,
+                                           micro_batch_size=b, dp_rank=0, dp_size=1,
+                                           with_mask=self.data_cfg.reset_attention_mask))
+        return min(t.eval_batches, self.its.valid.num_samples // b), get
 
 
 def build_data(cfg: Config, dims):

@@ -8,6 +8,12 @@ every rank -> (phase 2) initialise it from a GPT-2 -> apply expert parallelism -
 engine -> resume if a checkpoint exists -> loop over optimizer steps (each = gradient
 accumulation over this rank's micro-batches) with logging, telemetry, evaluation, checkpoints
 and preemption -> final checkpoint and validation perplexity.
+
+Safety around that (docs/usage.md, "Checkpoint safety"): rank 0 locks ``out_dir`` before anything is
+written (``run_lock``); a resume that would change the computation is refused before anything
+is loaded (``resume_policy``), recipe changes are applied and logged; ``config.json`` is written
+only once the run is accepted; non-finite steps are skipped and a diverged run stops with exit
+code 3 without saving (``divergence``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from mom_dist.parallel.runtime import init_distributed
 from mom_dist.quiet import drop_stdout_lines
 from mom_dist.train.checkpoint import Checkpointer, PreemptionFlag
 from mom_dist.train.data import build_data
+from mom_dist.train.divergence import NonFiniteGuard
 from mom_dist.train.metrics import ETA, MetricsWriter, eval_progress, progress_line
+from mom_dist.train.resume_policy import check_resume, latest_state
+from mom_dist.train.run_lock import RunLock
 from mom_dist.train.telemetry import StepTelemetry, routing_record
 
 
@@ -52,7 +61,7 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _forward(engine, batch: dict):
+def _forward(engine, batch: dict):  # engine or plain module: same signature
     mask = batch.get("attention_mask")  # megatron's (B, 1, S, S), True = masked
     return engine(batch["tokens"], batch["labels"], loss_mask_BS=batch.get("loss_mask"),
                   position_ids_BS=batch.get("position_ids"),
@@ -67,26 +76,48 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, batches, n_batches: int, device) -> float | None:
-    """Mean LM loss over this rank's share of the first ``n_batches`` validation micro-batches."""
-    if n_batches <= 0 or batches is None:
+def evaluate(engine, valid, dims, device) -> float | None:
+    """Validation loss: the token-weighted mean LM loss over the first ``n`` validation
+    micro-batches of the data's global stream (``valid = (n, get)``, ``get(m)`` = micro-batch m),
+    the same samples for every layout. Data-parallel rank r evaluates m = r, r + dp, ...; in the
+    last round ranks left without one re-run micro-batch 0 with weight 0 (the expert-parallel
+    all-to-all needs every rank in every forward)."""
+    if valid is None or valid[0] <= 0:
         return None
+    n, get = valid
     engine.eval()
-    total = torch.zeros(2, device=device)
-    for _ in eval_progress(n_batches, "valid"):
-        out = _forward(engine, _to(next(batches), device))
-        total += torch.stack([out.lm_loss.float(), torch.ones((), device=device)])
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    for i in eval_progress(-(-n // dims.dp_size), "valid"):
+        m = i * dims.dp_size + dims.dp_rank
+        batch = _to(get(m if m < n else 0), device)
+        out = _forward(engine, batch)
+        mask = batch.get("loss_mask")  # lm_loss is the mean over unmasked tokens: weight by their count
+        tokens = mask.sum().double() if mask is not None else torch.tensor(float(batch["labels"].numel()),
+                                                                          dtype=torch.float64, device=device)
+        if m < n:
+            total += torch.stack([out.lm_loss.double() * tokens, tokens])
     engine.train()
-    total = _mean_over_ranks(total)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)  # every rank is its own data-parallel rank: each micro-batch counted once
     return (total[0] / total[1]).item()
 
 
 def train(cfg: Config, *, log=print) -> TrainResult:
-    t, p = cfg.train, cfg.parallel
     with drop_stdout_lines():  # DeepSpeed's 'op built successfully' print, every CPU rank
-        init_distributed(p.backend)
-    dims = build_parallel_dims(p.ep_size)
+        init_distributed(cfg.parallel.backend)
+    dims = build_parallel_dims(cfg.parallel.ep_size)
+    lock = RunLock.acquire(cfg.train.out_dir, dims.rank, log)  # before anything is written
+    try:
+        return _train(cfg, dims, log)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, dims, log) -> TrainResult:
+    t, p = cfg.train, cfg.parallel
     device = _device()
+    resume = latest_state(t.out_dir)
+    recipe_changes = check_resume(cfg, resume[1]["config"], f"'{t.out_dir}'") if resume else []
     data = build_data(cfg, dims)  # validates data vs model: fails here, before the engine exists
     ga = deepspeed_engine.gradient_accumulation(cfg, dims)
 
@@ -99,21 +130,25 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
 
-    if dims.rank == 0:
-        os.makedirs(t.out_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(t.out_dir, "config.json"))
     ckpt = Checkpointer(t.out_dir, engine, dims, t.keep_last)
-    state = ckpt.load(cfg.model)
+    state = ckpt.load(cfg.model, resume[0]) if resume else None
     start_step = state["step"] if state else 0
     consumed = state["consumed_samples"] if state else 0
+    if state and recipe_changes:
+        deepspeed_engine.apply_recipe(engine, clipper, cfg)
     if state and dims.rank == 0:
         log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)"
             + (f"; {state['resharded']}" if state.get("resharded") else ""))
+        for key, old, new in recipe_changes:
+            log(f"[mom_dist] resume: {key} changed from {old} to {new}; applied from step {start_step + 1} on")
+    if dims.rank == 0:  # only now: a refused run leaves the previous config.json in place
+        dump_config(cfg, os.path.join(t.out_dir, "config.json"))
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
     train_batches = data.train(consumed)
     preempt = PreemptionFlag()
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, last_tag, step, preempted = [], None, start_step, False
+    guard = NonFiniteGuard(engine, t.max_nonfinite_steps)
     tick, last_logged = time.time(), start_step
     eta = ETA(t.steps)
     while step < t.steps:
@@ -121,7 +156,8 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         # Telemetry describes the whole step: every micro-batch on every rank (device counters).
         tel = StepTelemetry(model, dims) if (step + 1) % t.telemetry_interval == 0 else None
         for _ in range(ga):
-            out = _forward(engine, _to(next(train_batches), device))
+            batch = _to(next(train_batches), device)
+            out = _forward(engine, batch)
             if tel is not None:
                 tel.add(out.routing)
             engine.backward(out.loss)
@@ -132,6 +168,13 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         consumed += t.global_batch_size
         parts = _mean_over_ranks(parts / ga)
         losses.append(parts[0].item())
+        nonfinite = guard.check(step, parts)
+        if nonfinite and dims.rank == 0:
+            log(f"[mom_dist] step {step}: non-finite loss or gradient norm, update skipped "
+                f"({guard.streak}/{t.max_nonfinite_steps} consecutive)")
+        if guard.diverged:
+            metrics.close()
+            guard.raise_diverged(step, parts, batch, _forward, ckpt)
         if step % t.log_interval == 0 or step == t.steps or step == start_step + 1:
             elapsed, n_steps = time.time() - tick, step - last_logged
             v = {"loss": parts[0].item(), "lm_loss": parts[1].item(), "balance_loss": parts[2].item(),
@@ -143,9 +186,9 @@ def train(cfg: Config, *, log=print) -> TrainResult:
             tick, last_logged = time.time(), step
         if tel is not None:
             metrics.write_routing(step, routing_record(tel.reduce()))  # reduce(): a collective, all ranks
-        if step % t.eval_interval == 0 and step < t.steps:
+        if step % t.eval_interval == 0 and step < t.steps and not nonfinite:
             t_eval = time.time()
-            vl = evaluate(engine, data.valid(), t.eval_batches, device)
+            vl = evaluate(engine, data.valid(), dims, device)
             if vl is not None:
                 metrics.write("valid", step, {"loss": vl, "ppl": math.exp(min(vl, 50))})
                 if dims.rank == 0:
@@ -154,14 +197,18 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         preempted = preempt.agreed(device)
         leaving = preempted or (t.stop_after is not None and step - start_step >= t.stop_after)
         if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
-            last_tag = ckpt.save(step, consumed, cfg.to_dict())
+            if nonfinite:  # never a non-finite state as `latest`: the previous one stays
+                if dims.rank == 0:
+                    log(f"[mom_dist] step {step} is non-finite: no checkpoint; latest stays {ckpt.latest_tag()}")
+            else:
+                last_tag = ckpt.save_checked(step, consumed, cfg.to_dict(), loss=parts[0].item())
         if leaving and dims.rank == 0:
             log(f"[mom_dist] {'preemption signal' if preempted else 'train.stop_after reached'}: "
                 f"checkpoint {last_tag} at step {step}; leaving")
         if leaving:
             break
     # A preempted job has seconds left: its checkpoint is written, skip the final evaluation.
-    vl = None if preempted else evaluate(engine, data.valid(), t.eval_batches, device)
+    vl = None if preempted else evaluate(engine, data.valid(), dims, device)
     ppl = math.exp(min(vl, 50)) if vl is not None else None
     if vl is not None:
         metrics.write("valid", step, {"loss": vl, "ppl": ppl})

@@ -124,5 +124,6 @@ def test_resume_into_an_out_dir_of_another_model_is_refused(tmp_path, dataset):
     train(tmp_path, "m1", 1, overrides(tmp_path / "d", dataset, "parallel.ep_size=1", "train.stop_after=2"))
     res = run_workers("train_once", 1, dict(config="configs/tiny.yaml", expect_error=True, overrides=overrides(
         tmp_path / "d", dataset, "parallel.ep_size=1", "model.d_model=48")), tmp_path)[0]
-    assert "different model architecture" in res["error"] and "train.out_dir" in res["error"]
+    assert "different model (model.d_model: 32 in the checkpoint, 48 now)" in res["error"]
+    assert "train.out_dir" in res["error"]
     assert (tmp_path / "d" / "checkpoints" / "step00000002").exists()  # nothing was pruned

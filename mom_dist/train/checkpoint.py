@@ -11,7 +11,8 @@ Layout of ``<out_dir>/checkpoints``:
 save leaves the previous checkpoint in force; older complete checkpoints beyond ``keep_last``
 are deleted only after that. Resuming requires the same EP size and world size (DeepSpeed's
 optimizer shards are tied to the layout); a mismatch is an error before anything is loaded.
-A SIGTERM/SIGUSR1 (cluster preemption) asks for a save at the next step boundary.
+A SIGTERM/SIGUSR1 (cluster preemption, mom_dist.train.lifecycle) asks for a save at the next
+step boundary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import signal
 
 import torch
 import torch.distributed as dist
@@ -107,24 +107,3 @@ class Checkpointer:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         return state
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; ranks agree on it (any rank signalled -> all save) each step."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-    def agreed(self, device) -> bool:
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())

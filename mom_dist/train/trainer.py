@@ -25,8 +25,9 @@ from mom_dist.model import MoMModel
 from mom_dist.parallel import deepspeed_engine
 from mom_dist.parallel.dims import build_parallel_dims
 from mom_dist.parallel.expert_parallel import apply_expert_parallel
-from mom_dist.parallel.runtime import init_distributed
-from mom_dist.train.checkpoint import Checkpointer, PreemptionFlag
+from mom_dist.parallel.runtime import init_distributed, watch_collectives
+from mom_dist.train import lifecycle
+from mom_dist.train.checkpoint import Checkpointer
 from mom_dist.train.data import build_data
 from mom_dist.train.metrics import MetricsWriter, progress_line
 from mom_dist.train.telemetry import routing_telemetry, summarize
@@ -41,6 +42,7 @@ class TrainResult:
     losses: list  # per-step training loss (global mean) of this run
     checkpoint: str | None
     engine: object = None  # the DeepSpeed engine (its .module is the model), for callers that inspect it
+    stop: str | None = None  # None: finished train.steps; "preempted" | "stop_after": left early, saved
 
 
 def _device() -> torch.device:
@@ -82,10 +84,14 @@ def evaluate(engine, batches, n_batches: int, device) -> float | None:
 
 def train(cfg: Config, *, log=print) -> TrainResult:
     t, p = cfg.train, cfg.parallel
-    init_distributed(p.backend)
+    init_distributed(p.backend, timeout_s=max(600.0, p.collective_timeout_s))
     dims = build_parallel_dims(p.ep_size)
     device = _device()
+    # Set-up safe points: a preemption signal during set-up (imports, data, engine, load) makes
+    # every rank leave together at the next one (lifecycle.PreemptedDuringSetup -> exit 75).
+    lifecycle.safe_point(device, "process-group start")
     data = build_data(cfg, dims)  # validates data vs model: fails here, before the engine exists
+    lifecycle.safe_point(device, "data set-up")
     ga = deepspeed_engine.gradient_accumulation(cfg, dims)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank, for any layout
@@ -95,6 +101,7 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         init_from_source(model, t.init_from)
     apply_expert_parallel(model, dims, p.capacity_factor if p.dispatcher == "capacity" else None)
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)
+    lifecycle.safe_point(device, "engine set-up")
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
 
     if dims.rank == 0:
@@ -106,9 +113,10 @@ def train(cfg: Config, *, log=print) -> TrainResult:
     consumed = state["consumed_samples"] if state else 0
     if state:
         log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)")
+    lifecycle.safe_point(device, "checkpoint load", f"{ckpt.dir} (step {start_step})" if state else None)
+    watch_collectives(p.collective_timeout_s)  # set-up done: from here a silent rank ends the job
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
     train_batches = data.train(consumed)
-    preempt = PreemptionFlag()
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, last_tag, step, preempted = [], None, start_step, False
     tick, last_logged = time.time(), start_step
@@ -142,7 +150,7 @@ def train(cfg: Config, *, log=print) -> TrainResult:
                 metrics.write("valid", step, {"loss": vl, "ppl": math.exp(min(vl, 50))})
                 if dims.rank == 0:
                     log(f"[valid] step {step} loss {vl:.4f} ppl {math.exp(min(vl, 50)):.2f}")
-        preempted = preempt.agreed(device)
+        preempted = lifecycle.preempt_agreed(device)
         leaving = preempted or (t.stop_after is not None and step - start_step >= t.stop_after)
         if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
             last_tag = ckpt.save(step, consumed, cfg.to_dict())
@@ -159,7 +167,8 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         if dims.rank == 0:
             log(f"[valid] final: loss {vl:.4f} perplexity {ppl:.2f}")
     metrics.close()
-    return TrainResult(step, losses[-1] if losses else float("nan"), vl, ppl, losses, last_tag, engine)
+    stop = None if step >= t.steps else ("preempted" if preempted else "stop_after")
+    return TrainResult(step, losses[-1] if losses else float("nan"), vl, ppl, losses, last_tag, engine, stop)
 
 
 def _grad_norm(engine, clipper) -> float:

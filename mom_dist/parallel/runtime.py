@@ -67,12 +67,6 @@ def discover_launch_env(env: dict | None = None, rendezvous: bool = False) -> La
         local_size = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
     elif "PMI_RANK" in env or "OMPI_COMM_WORLD_RANK" in env:
         launcher = "mpi"
-        if rendezvous and (not env.get("MASTER_ADDR") or "MASTER_PORT" not in env):
-            found = mpi_rendezvous(env)
-            if found:
-                env["MASTER_ADDR"] = env.get("MASTER_ADDR") or found[0]
-                env.setdefault("MASTER_PORT", str(found[1]))
-                port = env["MASTER_PORT"]
         if "PMI_RANK" in env:  # MPICH / Intel MPI (Hydra)
             rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
             local_rank = _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else rank
@@ -81,6 +75,12 @@ def discover_launch_env(env: dict | None = None, rendezvous: bool = False) -> La
             rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
             local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK")
             local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+        if rendezvous and 0 <= rank < world and (not env.get("MASTER_ADDR") or "MASTER_PORT" not in env):
+            found = mpi_rendezvous(env)
+            if found:
+                env["MASTER_ADDR"] = env.get("MASTER_ADDR") or found[0]
+                env.setdefault("MASTER_PORT", str(found[1]))
+                port = env["MASTER_PORT"]
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")

@@ -253,6 +253,7 @@ def test_deepspeed_pdsh_trains_without_jit_rebuild(sshd, tmp_path, reference):
 def test_deepspeed_pdsh_killed_rank_is_named(sshd, tmp_path):
     job, out = _ds_launch(tmp_path, "train.steps=100000", "train.save_interval=0")
     try:
+        wait_for(os.path.join(out, "metrics.jsonl"), '"step": 3,', alive=lambda: job.poll() is None)
         os.kill(find_rank_pid(1, out), signal.SIGKILL)
         text = job.communicate(timeout=120)[0]
     finally:
@@ -293,6 +294,7 @@ def test_openmpi_trains(openmpi, tmp_path, reference):
 def test_openmpi_killed_rank_is_named(openmpi, tmp_path):
     job, out = _ompi_launch(openmpi, tmp_path, "train.steps=100000", "train.save_interval=0")
     try:
+        wait_for(os.path.join(out, "metrics.jsonl"), '"step": 3,', alive=lambda: job.poll() is None)
         os.kill(find_rank_pid(1, out), signal.SIGKILL)
         text = job.communicate(timeout=120)[0]
     finally:
@@ -300,3 +302,25 @@ def test_openmpi_killed_rank_is_named(openmpi, tmp_path):
             job.kill()
     assert job.returncode != 0, text[-4000:]
     assert re.search(r"rank 1 .*(signal 9|Killed)|rank\(s\) 1", text, re.S), text[-4000:]
+
+
+# ---------------------------------------------------------------------------- MPICH (the wheel's Hydra)
+def test_mpich_two_hosts_killed_rank_is_named(tmp_path):
+    """mpirun.sh under the mpich wheel over two host names of this machine, no MASTER_ADDR (the
+    mpi4py rendezvous): Hydra names only a PID for a killed rank; the surviving rank's line
+    names rank 1."""
+    out = str(tmp_path / "out")
+    env = clean_env(MPIRUN=os.path.join(BIN, "mpirun"), MOM_TRAIN=os.path.join(BIN, "mom-train"))
+    cmd = ["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "2", "--hosts", f"localhost,{socket.gethostname()}",
+           "--", *train_args(out, "train.steps=100000", "train.save_interval=0")]
+    job = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        wait_for(os.path.join(out, "metrics.jsonl"), '"step": 3,', alive=lambda: job.poll() is None)
+        os.kill(find_rank_pid(1, out), signal.SIGKILL)
+        text = job.communicate(timeout=120)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0, text[-4000:]
+    assert "mom-train: rank 0/2" in text and "rank(s) 1" in text, text[-4000:]

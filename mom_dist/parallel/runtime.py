@@ -255,6 +255,10 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> LaunchEnv:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     import deepspeed
 
+    if launch.world_size > 1:  # maps the PIDs launchers report (MPICH, DeepSpeed) to ranks and hosts
+        print(f"[mom_dist] rank {launch.rank}/{launch.world_size} on host {socket.gethostname()} "
+              f"(pid {os.getpid()}), local rank {launch.local_rank}/{launch.local_size}, {launch.launcher} launch, "
+              f"MASTER_ADDR={launch.master_addr}:{launch.master_port}", flush=True)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))

@@ -219,18 +219,20 @@ class Slurm:
         return fields
 
     def wait_state(self, job_id: str, states: set[str], timeout: float, release: bool = True) -> dict:
-        """Wait until the job is in one of ``states``; a requeued PENDING job is released at once
-        (SLURM otherwise holds it ~120 s)."""
-        deadline, released = time.time() + timeout, set()
+        """Wait until the job is in one of ``states``; a requeued PENDING job is released after 5 s
+        (SLURM otherwise holds it ~120 s; released at once, it can start while slurmd still
+        cleans up its previous run and fail with "Job credential revoked")."""
+        deadline, pending_since, released = time.time() + timeout, {}, set()
         while time.time() < deadline:
             info = self.job(job_id)
-            state = info.get("JobState")
+            state, restarts = info.get("JobState"), info.get("Restarts", "0")
             if state in states:
                 return info
-            if release and state == "PENDING" and info.get("Restarts", "0") not in released \
-                    and info.get("Restarts", "0") != "0":
-                self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
-                released.add(info.get("Restarts"))
+            if release and state == "PENDING" and restarts != "0" and restarts not in released:
+                pending_since.setdefault(restarts, time.time())
+                if time.time() - pending_since[restarts] >= 5:
+                    self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+                    released.add(restarts)
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not in {states} after {timeout:.0f} s: {self.job(job_id)}")
 

@@ -307,8 +307,8 @@ def test_openmpi_killed_rank_is_named(openmpi, tmp_path):
 # ---------------------------------------------------------------------------- MPICH (the wheel's Hydra)
 def test_mpich_two_hosts_killed_rank_is_named(tmp_path):
     """mpirun.sh under the mpich wheel over two host names of this machine, no MASTER_ADDR (the
-    mpi4py rendezvous): Hydra names only a PID for a killed rank; the surviving rank's line
-    names rank 1."""
+    mpi4py rendezvous): Hydra names only the killed PID (and kills the others at once, before
+    they can say anything); every rank's start-up line maps that PID to rank 1."""
     out = str(tmp_path / "out")
     env = clean_env(MPIRUN=os.path.join(BIN, "mpirun"), MOM_TRAIN=os.path.join(BIN, "mom-train"))
     cmd = ["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "2", "--hosts", f"localhost,{socket.gethostname()}",
@@ -317,10 +317,12 @@ def test_mpich_two_hosts_killed_rank_is_named(tmp_path):
                            text=True)
     try:
         wait_for(os.path.join(out, "metrics.jsonl"), '"step": 3,', alive=lambda: job.poll() is None)
-        os.kill(find_rank_pid(1, out), signal.SIGKILL)
+        pid = find_rank_pid(1, out)
+        os.kill(pid, signal.SIGKILL)
         text = job.communicate(timeout=120)[0]
     finally:
         if job.poll() is None:
             job.kill()
     assert job.returncode != 0, text[-4000:]
-    assert "mom-train: rank 0/2" in text and "rank(s) 1" in text, text[-4000:]
+    assert re.search(rf"PID {pid} RUNNING AT", text), text[-4000:]  # Hydra's line
+    assert f"[mom_dist] rank 1/2 on host {socket.gethostname()} (pid {pid})" in text, text[-4000:]

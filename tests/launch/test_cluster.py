@@ -240,10 +240,19 @@ def _ds_launch(tmp_path, *extra):
                             text=True), out
 
 
+def built_ops() -> dict[str, float]:
+    """mtime of every JIT-built DeepSpeed op: a rebuild (another ninja on PATH) rewrites them."""
+    root = clean_env()["TORCH_EXTENSIONS_DIR"]
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files if f.endswith(".so")}
+
+
 def test_deepspeed_pdsh_trains_without_jit_rebuild(sshd, tmp_path, reference):
+    ops = built_ops()
     job, out = _ds_launch(tmp_path, f"train.steps={STEPS}", "train.save_interval=0")
     text = job.communicate(timeout=JOB_TIMEOUT)[0]
     assert job.returncode == 0, text[-5000:]
+    assert ops and built_ops() == ops, "DeepSpeed rebuilt its JIT op on a remote rank"
     assert "DS_ENV_FILE=" in text and "PATH" in text.split("DS_ENV_FILE=")[1].splitlines()[0], text[-3000:]
     assert "Building extension module" not in text and "Emitting ninja build file" not in text, text[-5000:]
     assert text.count("mom-train: done: 40 steps") == 1
@@ -283,9 +292,11 @@ def _ompi_launch(mpirun, tmp_path, *extra):
 
 
 def test_openmpi_trains(openmpi, tmp_path, reference):
+    ops = built_ops()
     job, out = _ompi_launch(openmpi, tmp_path, f"train.steps={STEPS}", "train.save_interval=0")
     text = job.communicate(timeout=JOB_TIMEOUT)[0]
     assert job.returncode == 0, text[-5000:]
+    assert ops and built_ops() == ops, "DeepSpeed rebuilt its JIT op (Open MPI's prefix on PATH?)"
     assert "--noprefix" in text and "Building extension module" not in text, text[-5000:]
     assert text.count("mom-train: done: 40 steps") == 1
     assert losses(out) == pytest.approx(reference, rel=1e-6)

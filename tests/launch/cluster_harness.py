@@ -2,7 +2,8 @@
 for this host), sshd for DeepSpeed's pdsh path, and Open MPI - installed with apt when missing,
 started and stopped by PID, never left running.
 
-Each ``start_*`` returns a handle or raises ``Unavailable(reason)``; the fixtures turn that into a
+SLURM's config, state and daemon logs stay in /tmp/mom-slurm-* for a post-mortem; sshd's
+directory (keys) is removed. ``Slurm()`` / ``Sshd()`` return a handle or raise ``Unavailable(reason)``; the fixtures turn that into a
 skip that states the reason (no root, no apt, a daemon that would not start). Nothing here is
 used by the default test suite.
 
@@ -316,3 +317,4 @@ class Sshd:
             text = open(cfg).read().replace(self.config_block, "")
             with open(cfg, "w") as f:
                 f.write(text)
+        shutil.rmtree(self.dir, ignore_errors=True)  # our private key and host key

@@ -2,10 +2,10 @@
 for this host), sshd for DeepSpeed's pdsh path, and Open MPI - installed with apt when missing,
 started and stopped by PID, never left running.
 
+``Slurm()`` / ``Sshd()`` return a handle or raise ``Unavailable(reason)``; the fixtures turn
+that into a skip that states the reason (no root, no apt, a daemon that would not start).
 SLURM's config, state and daemon logs stay in /tmp/mom-slurm-* for a post-mortem; sshd's
-directory (keys) is removed. ``Slurm()`` / ``Sshd()`` return a handle or raise ``Unavailable(reason)``; the fixtures turn that into a
-skip that states the reason (no root, no apt, a daemon that would not start). Nothing here is
-used by the default test suite.
+directory (keys) is removed. Nothing here is used by the default test suite.
 
 Facts this relies on (measured on Debian 12, 2 cores, no systemd): SLURM 22.05 runs two nodes on
 one host when both NodeName lines share NodeHostname/NodeAddr and have their own Port, and the

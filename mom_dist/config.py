@@ -69,6 +69,9 @@ class ParallelConfig:
     capacity_factor: float = 1.25  # capacity mode: rows per module per source = ceil(cf*T*K/N)
     ds_config: str | None = None  # a user DeepSpeed JSON merged over the generated one
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    # After set-up, a collective that waits longer than this for a rank ends the job (exit 4,
+    # naming the silent rank). Set-up (rendezvous, data index, engine, load) gets max(600, this).
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         check(self.ep_size >= 1, f"parallel.ep_size={self.ep_size} must be >= 1")
@@ -80,6 +83,8 @@ class ParallelConfig:
         check_choice(self.dispatcher, ("dropless", "capacity"), "parallel.dispatcher")
         check(self.capacity_factor > 0, f"parallel.capacity_factor={self.capacity_factor} must be > 0")
         check_choice(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")
+        check(self.collective_timeout_s >= 5, f"parallel.collective_timeout_s={self.collective_timeout_s} must be "
+              ">= 5 seconds (a step's slowest collective must fit; 600 is the default)")
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Exit codes every mom_dist command and launcher agrees on, and the exceptions that carry them.
 
-    0   finished           the run did everything it was asked (``done`` line printed once, rank 0)
+    0   finished           the run did everything it was asked: train.steps done (``done`` line,
+                           printed once, by rank 0) or train.stop_after reached (a ``stopped at``
+                           line naming the checkpoint)
     1   failed             an unexpected error (a traceback was printed)
     2   bad input          config, data, checkpoint, launcher environment or usage: a one-line message
     3   diverged           non-finite loss/gradients for train.max_nonfinite_steps consecutive steps;
@@ -10,7 +12,9 @@
                            checkpoint existed yet): requeue the job and it resumes / starts over
                            (75 = EX_TEMPFAIL, "try again later")
 
-The SLURM launcher maps 75 to a requeue; everything else ends the job with that code.
+The SLURM launchers map 75 to a requeue (up to MAX_RESTARTS; past it the job ends 75 naming the
+checkpoint); everything else ends the job with that code. Rank 0 also writes ``<code> <checkpoint>``
+to MOM_DIST_EXIT_FILE when set (torchrun's own exit status hides its ranks' codes).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ save leaves the previous checkpoint in force; older complete checkpoints beyond 
 are deleted only after that. A checkpoint resumes on any layout (world size, ``ep_size``, ZeRO
 stage, precision): every rank reads the ranges its new layout owns (``engine_state``). A
 checkpoint of DeepSpeed's own format (written by earlier versions) resumes on its own layout
-only. A SIGTERM/SIGUSR1 (cluster preemption) asks for a save at the next step boundary.
+only. A SIGTERM/SIGUSR1 (cluster preemption,
+mom_dist.train.lifecycle) asks for a save at the next step boundary.
 
 Safety (docs/usage.md): the trainer saves only finite states, and ``_prune`` never deletes the
 newest checkpoint whose ``mom_state.json`` says ``finite``; RNG files are read as plain data
@@ -31,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
 
 import torch
 import torch.distributed as dist
@@ -232,24 +232,3 @@ def _describe(layout: dict) -> str:
     if "zero_stage" in layout:
         text += f" / ZeRO-{layout['zero_stage']}"
     return text + (" / bf16" if layout.get("precision") == "bf16" else "")
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; ranks agree on it (any rank signalled -> all save) each step."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-    def agreed(self, device) -> bool:
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())

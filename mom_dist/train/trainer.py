@@ -31,9 +31,10 @@ from mom_dist.model import MoMModel
 from mom_dist.parallel import deepspeed_engine
 from mom_dist.parallel.dims import build_parallel_dims
 from mom_dist.parallel.expert_parallel import apply_expert_parallel
-from mom_dist.parallel.runtime import init_distributed
+from mom_dist.parallel.runtime import init_distributed, watch_collectives
 from mom_dist.quiet import drop_stdout_lines
-from mom_dist.train.checkpoint import Checkpointer, PreemptionFlag
+from mom_dist.train import lifecycle
+from mom_dist.train.checkpoint import Checkpointer
 from mom_dist.train.data import build_data
 from mom_dist.train.divergence import NonFiniteGuard
 from mom_dist.train.metrics import ETA, MetricsWriter, eval_progress, progress_line
@@ -51,6 +52,7 @@ class TrainResult:
     losses: list  # per-step training loss (global mean) of this run
     checkpoint: str | None
     engine: object = None  # the DeepSpeed engine (its .module is the model), for callers that inspect it
+    stop: str | None = None  # None: finished train.steps; "preempted" | "stop_after": left early, saved
 
 
 def _device() -> torch.device:
@@ -104,7 +106,7 @@ def evaluate(engine, valid, dims, device) -> float | None:
 
 def train(cfg: Config, *, log=print) -> TrainResult:
     with drop_stdout_lines():  # DeepSpeed's 'op built successfully' print, every CPU rank
-        init_distributed(cfg.parallel.backend)
+        init_distributed(cfg.parallel.backend, timeout_s=max(600.0, cfg.parallel.collective_timeout_s))
     dims = build_parallel_dims(cfg.parallel.ep_size)
     lock = RunLock.acquire(cfg.train.out_dir, dims.rank, log)  # before anything is written
     try:
@@ -116,9 +118,13 @@ def train(cfg: Config, *, log=print) -> TrainResult:
 def _train(cfg: Config, dims, log) -> TrainResult:
     t, p = cfg.train, cfg.parallel
     device = _device()
+    # Set-up safe points: a preemption signal during set-up (imports, data, engine, load) makes
+    # every rank leave together at the next one (lifecycle.PreemptedDuringSetup -> exit 75).
+    lifecycle.safe_point(device, "process-group start")
     resume = latest_state(t.out_dir)
     recipe_changes = check_resume(cfg, resume[1]["config"], f"'{t.out_dir}'") if resume else []
     data = build_data(cfg, dims)  # validates data vs model: fails here, before the engine exists
+    lifecycle.safe_point(device, "data set-up")
     ga = deepspeed_engine.gradient_accumulation(cfg, dims)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank, for any layout
@@ -128,6 +134,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
         init_from_source(model, t.init_from)
     apply_expert_parallel(model, dims, p.capacity_factor if p.dispatcher == "capacity" else None)
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)
+    lifecycle.safe_point(device, "engine set-up")
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
 
     ckpt = Checkpointer(t.out_dir, engine, dims, t.keep_last)
@@ -141,11 +148,12 @@ def _train(cfg: Config, dims, log) -> TrainResult:
             + (f"; {state['resharded']}" if state.get("resharded") else ""))
         for key, old, new in recipe_changes:
             log(f"[mom_dist] resume: {key} changed from {old} to {new}; applied from step {start_step + 1} on")
+    lifecycle.safe_point(device, "checkpoint load", f"{ckpt.dir} (step {start_step})" if state else None)
     if dims.rank == 0:  # only now: a refused run leaves the previous config.json in place
         dump_config(cfg, os.path.join(t.out_dir, "config.json"))
+    watch_collectives(p.collective_timeout_s)  # set-up done: from here a silent rank ends the job
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
     train_batches = data.train(consumed)
-    preempt = PreemptionFlag()
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, last_tag, step, preempted = [], None, start_step, False
     guard = NonFiniteGuard(engine, t.max_nonfinite_steps)
@@ -194,7 +202,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
                 if dims.rank == 0:
                     log(f"[valid] step {step} loss {vl:.4f} ppl {math.exp(min(vl, 50)):.2f} "
                         f"({t.eval_batches} batches, {time.time() - t_eval:.1f} s)")
-        preempted = preempt.agreed(device)
+        preempted = lifecycle.preempt_agreed(device)
         leaving = preempted or (t.stop_after is not None and step - start_step >= t.stop_after)
         if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
             if nonfinite:  # never a non-finite state as `latest`: the previous one stays
@@ -215,7 +223,8 @@ def _train(cfg: Config, dims, log) -> TrainResult:
         if dims.rank == 0:
             log(f"[valid] final: loss {vl:.4f} perplexity {ppl:.2f}")
     metrics.close()
-    return TrainResult(step, losses[-1] if losses else float("nan"), vl, ppl, losses, last_tag, engine)
+    stop = None if step >= t.steps else ("preempted" if preempted else "stop_after")
+    return TrainResult(step, losses[-1] if losses else float("nan"), vl, ppl, losses, last_tag, engine, stop)
 
 
 def _grad_norm(engine, clipper) -> float:

@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,49 +30,9 @@ import pytest
 
 from mom_dist.parallel.runtime import LaunchError, discover_launch_env
 from tests.dist_utils import ROOT, free_port
+from tests.launch.launch_utils import BIN, LAUNCH_TIMEOUT, LAUNCHERS, clean_env, run, train_args
 
-BIN = os.path.dirname(sys.executable)
-LAUNCHERS = os.path.join(ROOT, "launchers")
-TRAIN_SET = [
-    "data={synthetic: {seed: 1}}", "model.vocab_size=64", "model.max_seq_len=16", "model.d_model=32",
-    "model.n_heads=2", "model.n_steps=2", "model.attn_router.dim=16", "model.ffn_router.dim=16",
-    "train.seq_len=16", "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3",
-    "train.eval_batches=1", "train.log_interval=1", "train.save_interval=3", "train.tensorboard=false",
-    "parallel.ep_size=2",
-]
-LAUNCH_TIMEOUT = 240  # s per launch; a warm launch takes ~15 s on 2 cores
 LOSSES: dict[str, list[float]] = {}  # launcher -> per-step losses, compared at the end
-
-
-def train_args(out_dir, *extra) -> list[str]:
-    args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml")]
-    for item in TRAIN_SET + [f"train.out_dir={out_dir}", *extra]:
-        args += ["--set", item]
-    return args
-
-
-def clean_env(**extra) -> dict:
-    """This process's environment without any launcher's variables (pytest may itself run
-    under srun or mpirun), plus what every launch needs."""
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
-                     "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-    env = {k: v for k, v in os.environ.items()
-           if k not in launcher_vars and not k.startswith(("PMI_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")))
-    env.update(extra)
-    return env
-
-
-def run(cmd, env, timeout=LAUNCH_TIMEOUT, check=True) -> subprocess.CompletedProcess:
-    try:
-        p = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"{cmd[0]} timed out after {timeout}s:\n{(e.output or '')[-4000:]}")
-    if check:
-        assert p.returncode == 0, f"{' '.join(cmd[:4])} ... exited {p.returncode}:\n{p.stdout[-6000:]}"
-    return p
 
 
 def check_run(out_dir, log: str, name: str, steps: int = 3) -> list[float]:
@@ -87,7 +48,7 @@ def check_run(out_dir, log: str, name: str, steps: int = 3) -> list[float]:
     # every rank writes its share of the training state (mom_dist.train.sharded_state)
     assert {"state_rank00000.safetensors", "state_rank00001.safetensors", "rng_rank00000.pt", "rng_rank00001.pt",
             "mom_state.json"} <= set(files), (name, files)
-    assert log.count("mom-train: done: 3 steps") == 2, f"{name}: expected both ranks to finish:\n{log[-3000:]}"
+    assert log.count("mom-train: done: 3 steps") == 1, f"{name}: expected one done line (rank 0):\n{log[-3000:]}"
     LOSSES[name] = [r["loss"] for r in train]
     return LOSSES[name]
 
@@ -118,13 +79,16 @@ def test_torchrun(tmp_path, shm_op_built):
 
 
 def test_mpirun_script(tmp_path, shm_op_built):
-    """launchers/mpirun.sh with the mpich wheel's Hydra: ranks come from PMI_RANK/PMI_SIZE and
-    MASTER_ADDR defaults to 127.0.0.1 on one node."""
+    """launchers/mpirun.sh with the mpich wheel's Hydra over two host names of this machine
+    (localhost and its hostname: Hydra starts both without ssh, as two nodes of one rank each,
+    MPI_LOCALNRANKS=1) and no MASTER_ADDR/MASTER_PORT: the multi-node path, where rank 0 offers
+    its addresses and a free port over mpi4py and the ranks pick one they all reach."""
     out = tmp_path / "out"
-    env = clean_env(MPIRUN=os.path.join(BIN, "mpirun"), MOM_TRAIN=os.path.join(BIN, "mom-train"),
-                    MASTER_PORT=str(free_port()))
-    p = run(["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "2", "--", *train_args(out)], env)
-    assert "hydra, 2 ranks, MASTER_ADDR=127.0.0.1" in p.stdout
+    env = clean_env(MPIRUN=os.path.join(BIN, "mpirun"), MOM_TRAIN=os.path.join(BIN, "mom-train"))
+    hosts = f"localhost,{socket.gethostname()}"
+    p = run(["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "2", "--hosts", hosts, "--", *train_args(out)], env)
+    assert "hydra, 2 ranks, MASTER_ADDR=<mpi4py rendezvous>" in p.stdout and "-ppn 1" in p.stdout, p.stdout[-3000:]
+    assert "not using mpi4py" not in p.stdout, p.stdout[-3000:]
     check_run(out, p.stdout, "mpirun")
 
 
@@ -158,7 +122,7 @@ def test_deepspeed_multinode_script_no_ssh(tmp_path, shm_op_built):
 FAKE_SRUN = """#!/bin/bash
 # Test stub for srun: start SLURM_NTASKS copies of the command on this node with only the
 # variables srun gives each task (SLURM_PROCID, SLURM_LOCALID, ...); forward USR1/TERM to them.
-while [[ "$1" == --* ]]; do shift; done
+while [[ "$1" == -* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
     SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS_PER_NODE=$SLURM_NTASKS "$@" &
@@ -197,7 +161,7 @@ def test_slurm_sbatch_preempted_and_requeued(tmp_path, shm_op_built):
     env = clean_env(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NTASKS="2",
                     SLURM_JOB_NODELIST="fake[1-2]", SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=ROOT,
                     VENV=str(tmp_path / "no-venv"), MOM_TRAIN=os.path.join(BIN, "mom-train"),
-                    MASTER_PORT=str(free_port()), SCONTROL_LOG=str(requeue_log))
+                    MASTER_PORT=str(free_port()), SCONTROL_LOG=str(requeue_log), LOG_DIR=str(tmp_path / "logs"))
     args = train_args(out, "train.steps=500", "train.save_interval=1000")  # runs until signalled
     with open(log_path, "w") as log_f:
         job = subprocess.Popen(["bash", os.path.join(LAUNCHERS, "slurm.sbatch"), *args], env=env, cwd=ROOT,
@@ -208,14 +172,15 @@ def test_slurm_sbatch_preempted_and_requeued(tmp_path, shm_op_built):
             assert job.poll() is None and time.time() < deadline, f"job ended or stalled:\n{log_path.read_text()[-5000:]}"
             time.sleep(0.2)
         job.send_signal(signal.SIGUSR1)
-        assert job.wait(timeout=LAUNCH_TIMEOUT) == 0, log_path.read_text()[-5000:]
+        assert job.wait(timeout=LAUNCH_TIMEOUT) == 0, log_path.read_text()[-5000:]  # requeued: the job ends 0
     finally:
         if job.poll() is None:
             job.kill()
     log = log_path.read_text()
     assert "MASTER_ADDR=127.0.0.1" in log and "requeueing job 4242" in log, log[-3000:]
     assert requeue_log.read_text().strip() == "requeue 4242"
-    assert log.count("preemption signal") >= 1 and log.count("mom-train: done") == 2, log[-3000:]
+    assert log.count("preemption signal") >= 1 and "mom-train: done" not in log, log[-3000:]
+    assert log.count("mom-train: preempted (SIGUSR1) at step") == 1, log[-3000:]  # rank 0's line, exit 75
     ckpt = out / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
     state = json.loads((ckpt / tag / "mom_state.json").read_text())
@@ -228,7 +193,8 @@ def test_slurm_sbatch_preempted_and_requeued(tmp_path, shm_op_built):
     # The requeued job runs the same script again: it resumes from `latest` (one more step here).
     env["SLURM_RESTART_COUNT"] = "1"
     p = run(["bash", os.path.join(LAUNCHERS, "slurm.sbatch"), *args, "--set", "train.stop_after=1"], env)
-    assert f"resumed from step {state['step']}" in p.stdout and "(restart 1)" in p.stdout, p.stdout[-3000:]
+    assert f"resumed from step {state['step']}" in p.stdout and "(restart 1 of at most 20)" in p.stdout, p.stdout[-3000:]
+    assert "mom-train: stopped at step" in p.stdout and "mom-train: done" not in p.stdout, p.stdout[-3000:]
     assert (ckpt / "latest").read_text().strip() == f"step{state['step'] + 1:08d}"
     assert requeue_log.read_text().strip() == "requeue 4242"  # no second requeue: it left by stop_after
 
@@ -276,7 +242,8 @@ def test_slurm_multinode_without_ntasks_per_node_needs_master_addr():
                              "SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "8(x2)"})
 
 
-@pytest.mark.parametrize("script", ["deepspeed_multinode.sh", "mpirun.sh", "slurm.sbatch"])
+@pytest.mark.parametrize("script", ["deepspeed_multinode.sh", "mpirun.sh", "slurm.sbatch", "slurm_torchrun.sbatch",
+                                    "slurm_common.sh"])
 def test_scripts_parse(script):
     p = subprocess.run(["bash", "-n", os.path.join(LAUNCHERS, script)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -304,12 +271,21 @@ def test_deepspeed_multinode_missing_hostfile_fails_before_starting(tmp_path):
     assert "--master_addr node01" in p.stdout and "2 hosts, 16 slots" in p.stdout and not marker.exists()
 
 
-def test_mpirun_script_multinode_requires_master_addr():
+def test_mpirun_script_commands(tmp_path):
+    """What mpirun.sh runs (DRY_RUN): MASTER_ADDR/PORT forwarded only when set (else the ranks'
+    mpi4py rendezvous), signals blocked until mom-train arms, and Open MPI called with --noprefix
+    (else it puts /usr/bin first on PATH and DeepSpeed rebuilds its JIT op)."""
     env = clean_env(MPIRUN=os.path.join(BIN, "mpirun"), DRY_RUN="1")
-    p = run(["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "4", "--hosts", "n1,n2", "--", "--config", "x"],
-            env, timeout=30, check=False)
-    assert p.returncode == 2 and "MASTER_ADDR is not set for a multi-node run" in p.stdout, p.stdout
+    script = ["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "4", "--hosts", "n1,n2", "--", "--config", "x"]
+    p = run(script, env, timeout=30)
+    assert "-hosts n1,n2 -ppn 2 env --block-signal=USR1 --block-signal=TERM mom-train --config x" in p.stdout, p.stdout
+    assert "MASTER_ADDR=<mpi4py rendezvous>" in p.stdout and "-genv" not in p.stdout, p.stdout
     env["MASTER_ADDR"] = "10.1.2.3"
-    p = run(["bash", os.path.join(LAUNCHERS, "mpirun.sh"), "-np", "4", "--hosts", "n1,n2", "--", "--config", "x"],
-            env, timeout=30)
+    p = run(script, env, timeout=30)
     assert "-hosts n1,n2 -ppn 2 -genv MASTER_ADDR 10.1.2.3" in p.stdout, p.stdout
+    fake = tmp_path / "mpirun"  # answers --version like Open MPI 4.1
+    fake.write_text("#!/bin/bash\necho 'mpirun (Open MPI) 4.1.4'\n")
+    fake.chmod(0o755)
+    p = run(script, clean_env(MPIRUN=str(fake), DRY_RUN="1", MASTER_ADDR="10.1.2.3"), timeout=30)
+    assert f"{fake} -np 4 --noprefix" in p.stdout and "--host n1:2,n2:2" in p.stdout, p.stdout
+    assert "-x MASTER_ADDR" in p.stdout and "-x PATH" in p.stdout and "-x PYTHONUNBUFFERED" in p.stdout, p.stdout

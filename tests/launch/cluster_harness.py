@@ -1,0 +1,320 @@
+"""Real daemons on one machine for the `cluster` tests: SLURM with two slurmd (two node names
+for this host), sshd for DeepSpeed's pdsh path, and Open MPI - installed with apt when missing,
+started and stopped by PID, never left running.
+
+``Slurm()`` / ``Sshd()`` return a handle or raise ``Unavailable(reason)``; the fixtures turn
+that into a skip that states the reason (no root, no apt, a daemon that would not start).
+SLURM's config, state and daemon logs stay in /tmp/mom-slurm-* for a post-mortem; sshd's
+directory (keys) is removed. Nothing here is used by the default test suite.
+
+Facts this relies on (measured on Debian 12, 2 cores, no systemd): SLURM 22.05 runs two nodes on
+one host when both NodeName lines share NodeHostname/NodeAddr and have their own Port, and the
+second name resolves (/etc/hosts); a requeued job waits ~120 s unless its StartTime is reset;
+`scancel --batch --signal=USR1` signals only the batch shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+
+class Unavailable(RuntimeError):
+    pass
+
+
+def sh(cmd, timeout=60, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise Unavailable(f"`{cmd if isinstance(cmd, str) else ' '.join(cmd)}` exited {p.returncode}: "
+                          f"{(p.stderr or p.stdout).strip()[-500:]}")
+    return p
+
+
+def apt_install(binaries: dict[str, str]) -> None:
+    """Install the Debian packages whose binaries are missing ({binary: package})."""
+    missing = sorted({pkg for binary, pkg in binaries.items() if not shutil.which(binary)
+                      and not os.path.exists(binary)})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise Unavailable(f"needs root to install {', '.join(missing)} with apt")
+    if not shutil.which("apt-get"):
+        raise Unavailable(f"no apt-get to install {', '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    p = subprocess.run("apt-get update -q", shell=True, capture_output=True, text=True, timeout=300, env=env)
+    p = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                       capture_output=True, text=True, timeout=600, env=env)
+    if p.returncode != 0:
+        raise Unavailable(f"apt-get install {' '.join(missing)} failed: {(p.stderr or p.stdout).strip()[-400:]}")
+
+
+def _wait_pidfile(path: str, timeout: float = 20) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise Unavailable(f"no live pid in {path} after {timeout:.0f} s")
+
+
+def _stop_pid(pid: int, timeout: float = 20) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class HostAlias:
+    """A second name for this machine in /etc/hosts (removed again if we added it)."""
+
+    def __init__(self, name: str):
+        self.name, self.added = name, False
+        try:
+            socket.gethostbyname(name)
+            return
+        except OSError:
+            pass
+        if os.geteuid() != 0:
+            raise Unavailable(f"host name {name} does not resolve and /etc/hosts is not writable")
+        with open("/etc/hosts", "a") as f:
+            f.write(f"127.0.0.1 {name}  # mom_dist cluster tests\n")
+        self.added = True
+
+    def remove(self) -> None:
+        if self.added:
+            with open("/etc/hosts") as f:
+                lines = [x for x in f if not x.rstrip().endswith("# mom_dist cluster tests")]
+            with open("/etc/hosts", "w") as f:
+                f.writelines(lines)
+
+
+# ---------------------------------------------------------------------------- SLURM
+SLURM_CONF = """\
+ClusterName=momtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MailProg=/bin/true
+SlurmdParameters=config_overrides
+ReturnToService=2
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd-%n.log
+KillWait=30
+MinJobAge=600
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SchedulerParameters=defer_batch=0
+NodeName={host} NodeHostname={host} NodeAddr=127.0.0.1 Port={port1} CPUs=4 RealMemory=8000
+NodeName={node2} NodeHostname={host} NodeAddr=127.0.0.1 Port={port2} CPUs=4 RealMemory=8000
+PartitionName=low Nodes={host},{node2} Default=YES OverSubscribe=YES PriorityTier=1 MaxTime=INFINITE State=UP
+PartitionName=high Nodes={host},{node2} PriorityTier=2 MaxTime=INFINITE State=UP
+"""
+
+
+class Slurm:
+    """slurmctld + two slurmd (nodes ``host`` and ``node2``) + munged, all ours."""
+
+    def __init__(self):
+        apt_install({"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
+                     "munged": "munge", "/usr/sbin/munged": "munge"})
+        self.host = socket.gethostname().split(".")[0]
+        self.node2 = "momnode2"
+        self.dir = tempfile.mkdtemp(prefix="mom-slurm-")
+        self.conf = os.path.join(self.dir, "slurm.conf")
+        self.pids: list[int] = []
+        self.munge_pid = None
+        self.alias = HostAlias(self.node2)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def env(self) -> dict:
+        return {"SLURM_CONF": self.conf}
+
+    def _start_munge(self) -> None:
+        for d in ("/run/munge", "/var/lib/munge", "/var/log/munge", "/etc/munge"):
+            os.makedirs(d, exist_ok=True)
+        key = "/etc/munge/munge.key"
+        if not os.path.exists(key):
+            with open(key, "wb") as f:
+                f.write(os.urandom(1024))
+        sh("chown -R munge:munge /run/munge /var/lib/munge /var/log/munge /etc/munge && chmod 755 /run/munge "
+           "&& chmod 400 /etc/munge/munge.key")
+        if sh("munge -n | unmunge", check=False).returncode == 0:
+            return  # a munged is already running (not ours: leave it alone)
+        pidfile = "/run/munge/munged.pid"
+        if os.path.exists(pidfile):
+            os.remove(pidfile)
+        sh(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"])
+        self.munge_pid = _wait_pidfile(pidfile)
+        sh("munge -n | unmunge")
+
+    def _start(self) -> None:
+        self._start_munge()
+        os.makedirs(os.path.join(self.dir, "state"))
+        for n in (self.host, self.node2):
+            os.makedirs(os.path.join(self.dir, "spool", n))
+        ports = [_free_port() for _ in range(3)]
+        with open(self.conf, "w") as f:
+            f.write(SLURM_CONF.format(host=self.host, node2=self.node2, d=self.dir, ctld_port=ports[0],
+                                      port1=ports[1], port2=ports[2]))
+        sh(["slurmctld", "-c", "-f", self.conf])
+        self.pids.append(_wait_pidfile(os.path.join(self.dir, "slurmctld.pid")))
+        for n in (self.host, self.node2):
+            sh(["slurmd", "-f", self.conf, "-N", n])
+            self.pids.append(_wait_pidfile(os.path.join(self.dir, f"slurmd-{n}.pid")))
+        env = dict(os.environ, **self.env)
+        for _ in range(15):
+            if subprocess.run(["timeout", "30", "srun", "-N2", "-n2", "-t1", "true"], env=env,
+                              capture_output=True).returncode == 0:
+                return
+            time.sleep(2)
+        raise Unavailable("SLURM started but `srun -N2 -n2 true` never succeeded; see " + self.dir)
+
+    def run(self, cmd, timeout=60, check=True, **kw):
+        return sh(cmd, timeout=timeout, check=check, env=dict(os.environ, **self.env), **kw)
+
+    def job(self, job_id: str) -> dict:
+        p = self.run(["scontrol", "-o", "show", "job", job_id], check=False)
+        fields = {}
+        for item in p.stdout.split():
+            if "=" in item:
+                k, v = item.split("=", 1)
+                fields.setdefault(k, v)
+        return fields
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float, release: bool = True) -> dict:
+        """Wait until the job is in one of ``states``; a requeued PENDING job is released after 5 s
+        (SLURM otherwise holds it ~120 s; released at once, it can start while slurmd still
+        cleans up its previous run and fail with "Job credential revoked")."""
+        deadline, pending_since, released = time.time() + timeout, {}, set()
+        while time.time() < deadline:
+            info = self.job(job_id)
+            state, restarts = info.get("JobState"), info.get("Restarts", "0")
+            if state in states:
+                return info
+            if release and state == "PENDING" and restarts != "0" and restarts not in released:
+                pending_since.setdefault(restarts, time.time())
+                if time.time() - pending_since[restarts] >= 5:
+                    self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+                    released.add(restarts)
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout:.0f} s: {self.job(job_id)}")
+
+    def stop(self) -> None:
+        env = dict(os.environ, **self.env)
+        if self.pids:
+            subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
+            time.sleep(1)
+            subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=30)
+            for pid in self.pids:
+                _stop_pid(pid)
+            self.pids = []
+        if self.munge_pid:
+            _stop_pid(self.munge_pid)
+            self.munge_pid = None
+        self.alias.remove()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- sshd (+ pdsh)
+class Sshd:
+    """An sshd of ours on a free port, with a key for root; hosts ``localhost`` and this host's
+    name both reach it (two "nodes" for DeepSpeed's pdsh launcher)."""
+
+    def __init__(self):
+        apt_install({"/usr/sbin/sshd": "openssh-server", "ssh": "openssh-client", "pdsh": "pdsh"})
+        if os.geteuid() != 0:
+            raise Unavailable("sshd tests need root (they start sshd and authorise a key for this user)")
+        self.dir = tempfile.mkdtemp(prefix="mom-sshd-")
+        self.port = _free_port()
+        self.pid = None
+        self.home_ssh = os.path.expanduser("~/.ssh")
+        os.makedirs(self.home_ssh, mode=0o700, exist_ok=True)
+        self.key = os.path.join(self.dir, "id_ed25519")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key, "-C", "mom_dist cluster tests"])
+        self.pub = open(self.key + ".pub").read().strip()
+        self.auth = os.path.join(self.home_ssh, "authorized_keys")
+        with open(self.auth, "a") as f:
+            f.write(self.pub + "\n")
+        os.chmod(self.auth, 0o600)
+        host_key = os.path.join(self.dir, "host_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
+        os.makedirs("/run/sshd", exist_ok=True)
+        pidfile = os.path.join(self.dir, "sshd.pid")
+        try:
+            sh(["/usr/sbin/sshd", "-p", str(self.port), "-h", host_key, "-o", f"PidFile={pidfile}",
+                "-o", "PermitRootLogin=prohibit-password", "-o", "StrictModes=no", "-o", "UsePAM=no"])
+            self.pid = _wait_pidfile(pidfile)
+        except BaseException:
+            self.stop()
+            raise
+        # Client side: the key, this port, no host key prompts - for ssh and pdsh (ssh config).
+        self.ssh_config = os.path.join(self.home_ssh, "config")
+        self.config_block = (f"\n# mom_dist cluster tests\nHost localhost {socket.gethostname()}\n"
+                             f"  Port {self.port}\n  IdentityFile {self.key}\n  StrictHostKeyChecking no\n"
+                             f"  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n# end mom_dist cluster tests\n")
+        with open(self.ssh_config, "a") as f:
+            f.write(self.config_block)
+        for host in ("localhost", socket.gethostname()):
+            if sh(["ssh", host, "true"], check=False, timeout=30).returncode != 0:
+                self.stop()
+                raise Unavailable(f"sshd started but `ssh {host} true` fails")
+
+    def stop(self) -> None:
+        if self.pid:
+            _stop_pid(self.pid)
+            self.pid = None
+        for path, text in ((getattr(self, "auth", None), getattr(self, "pub", None)),):
+            if path and text and os.path.exists(path):
+                with open(path) as f:
+                    lines = [x for x in f if x.strip() != text]
+                with open(path, "w") as f:
+                    f.writelines(lines)
+        cfg = getattr(self, "ssh_config", None)
+        if cfg and os.path.exists(cfg):
+            text = open(cfg).read().replace(self.config_block, "")
+            with open(cfg, "w") as f:
+                f.write(text)
+        shutil.rmtree(self.dir, ignore_errors=True)  # our private key and host key

@@ -99,7 +99,7 @@ class Checkpointer:
         previous = self.latest_tag()
         try:
             return self.save(step, consumed_samples, config, loss=loss)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # OSError; torch's RuntimeError; safetensors' SafetensorError
             if not _disk_full(e, self.dir):
                 raise
             if self.dims.rank == 0 and previous != os.path.basename(path):

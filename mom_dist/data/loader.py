@@ -166,10 +166,15 @@ def check_data(cfg: DataConfig, vocab_size: int) -> _TokenizerInfo:
                 f"{prefix} holds token id {max_id} but the model's vocab_size is {vocab_size}: the data "
                 "was made with a larger tokenizer; use the matching tokenizer/model vocab"
             )
-        if tok is not None and meta.get("tokenizer_sha256") not in (None, tok.sha256):
+        # The .meta.json describes what was written; a sample of the .bin itself must agree
+        # (ids inside the vocab, documents ending with EOD), or training would index out of range.
+        data_vocab = min(vocab_size, int(meta.get("vocab_size") or vocab_size))
+        indexed.check_tokens(prefix, info, data_vocab, meta.get("eod") if meta.get("eod_terminated") else None)
+        why = indexed.tokenizer_mismatch(meta, tok) if tok is not None else None
+        if why:
             raise ValueError(
-                f"{prefix} was tokenized with another tokenizer than {cfg.tokenizer_model} "
-                "(sha256 differs); use the .model written next to the data"
+                f"{prefix} was tokenized with another tokenizer than {cfg.tokenizer_model} ({why}); "
+                "use the .model written next to the data"
             )
         if meta.get("eod") is not None:
             eods.add(int(meta["eod"]))
@@ -185,7 +190,7 @@ def check_data(cfg: DataConfig, vocab_size: int) -> _TokenizerInfo:
             "cannot tell the end-of-document id: set DataConfig.tokenizer_model, or use data written "
             f"by mom-preprocess / write_token_documents (their .meta.json records it); found {sorted(eods)}"
         )
-    identity = {"eod": eod, "tokenizer": tok.sha256 if tok else None, "data": prints}
+    identity = {"eod": eod, "tokenizer": tok.identity if tok else None, "data": prints}
     return _TokenizerInfo(vocab_size, eod, identity)
 
 

@@ -471,9 +471,10 @@ def preprocess(
                     existing, t_start)
     except REJECTED:
         _remove_tree(work)  # refused: the next, corrected command starts clean
-        for d in reversed(made):
+        for d in reversed(made):  # the output folders this run created, if still empty
             try:
-                os.rmdir(d)
+                if os.path.isdir(d):
+                    os.rmdir(d)
             except OSError:
                 break
         raise

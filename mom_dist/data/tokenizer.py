@@ -152,17 +152,25 @@ def train_tokenizer(
         raise ValueError(f"vocab_size={vocab_size} is too small; byte fallback alone needs 259 ids, use >= 300")
     spm.set_random_generator_seed(seed)
 
+    raised = []  # SentencePiece turns an exception in the iterator into RuntimeError: keep ours
+
     def lines():
-        for text in texts:
-            yield from training_lines(text)
+        try:
+            for text in texts:
+                yield from training_lines(text)
+        except Exception as err:
+            raised.append(err)
+            raise
 
     try:
         _train(spm, lines(), model_prefix, vocab_size, model_type, input_sentence_size, num_threads)
     except RuntimeError as err:
+        if raised:
+            raise raised[0] from None
         if "required_chars" in str(err) or "Vocabulary size" in str(err):
             raise ValueError(f"vocab_size={vocab_size} is too small for this corpus's characters "
                              f"({err}); raise --vocab-size") from err
-        raise
+        raise ValueError(f"SentencePiece could not train a tokenizer on these inputs ({err})") from err
     return model_prefix + ".model"
 
 

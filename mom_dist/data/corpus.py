@@ -231,14 +231,14 @@ def _check_file(path: str) -> None:
 
 def _check_xz_footer(path: str) -> None:
     """A complete .xz file ends with a stream footer whose last two bytes are b"YZ" (xz format
-    spec 2.1.2.4); a truncated download does not. Reads 2 bytes, so it is free up front."""
+    spec 2.1.2.4, before any null stream padding); a truncated download does not. Reads the
+    last KiB, so it is free up front."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         magic = f.read(6)
-        if size >= 12:
-            f.seek(size - 2)
-        tail = f.read(2)
-    if magic == b"\xfd7zXZ\x00" and (size < 12 or tail != b"YZ"):
+        f.seek(max(0, size - 1024))
+        tail = f.read().rstrip(b"\x00")  # stream padding (null bytes) may follow the footer
+    if magic == b"\xfd7zXZ\x00" and (size < 12 or not tail.endswith(b"YZ")):
         raise InputError(
             f"xz file {path!r} is truncated ({size} bytes, no end-of-stream footer); re-download it "
             "or remove it from the inputs"

@@ -67,10 +67,10 @@ class _Settings:
     seed: int
     tokenizer_model: Optional[str]
     tokenizer_identity: Optional[str]
-    vocab_size: int
-    model_type: str
-    tokenizer_train_mb: float
-    input_sentence_size: int
+    vocab_size: Optional[int]             # the four training options: None with a given tokenizer
+    model_type: Optional[str]
+    tokenizer_train_mb: Optional[float]
+    input_sentence_size: Optional[int]
 
 
 def output_paths(prefix: str) -> dict:
@@ -426,6 +426,9 @@ def preprocess(
         tokenizer_identity=tok_identity, vocab_size=vocab_size, model_type=model_type,
         tokenizer_train_mb=tokenizer_train_mb, input_sentence_size=input_sentence_size,
     )
+    if tokenizer_model is not None:  # training options do not change the output then
+        settings.vocab_size = settings.model_type = None
+        settings.tokenizer_train_mb = settings.input_sentence_size = None
     state = {"settings": asdict(settings), "inputs": input_fingerprint(settings.files)}
     work = paths["work"]
     _remove_tree(work + ".trash")  # a finished run killed while deleting its work dir

@@ -92,3 +92,24 @@ def test_no_orphan_workers(tmp_path, spm_model):
             assert a == open(tmp_path / "c" / f"p_{split}_text_document{ext}", "rb").read()
     assert wait_gone(proc.pid, 2) == []
 
+
+
+def test_abrupt_exit_during_swap_is_finished_by_the_same_command(tmp_path, spm_model, docs):
+    """B7 with a real abrupt exit (os._exit, no cleanup) after the first output file is swapped in."""
+    from tests.data.conftest import write_jsonl
+
+    src = write_jsonl(tmp_path / "a.jsonl", docs)
+    args = [src, "--tokenizer-model", spm_model, "--valid-ratio", "0.2"]
+    clean = start([*args, "-o", tmp_path / "clean" / "p"])
+    assert clean.wait(timeout=120) == 0
+    env = dict(os.environ, MOM_PREPROCESS_TEST_DIE_AT="swap")
+    died = start([*args, "-o", tmp_path / "o" / "p"], env=env)
+    assert died.wait(timeout=120) == 9
+    assert os.path.exists(tmp_path / "o" / "p_work" / "commit.json")
+    again = start([*args, "-o", tmp_path / "o" / "p"])
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert sorted(os.listdir(tmp_path / "o")) == sorted(os.listdir(tmp_path / "clean"))
+    for name in os.listdir(tmp_path / "clean"):
+        if name.endswith((".bin", ".idx", ".meta.json")):
+            assert open(tmp_path / "o" / name, "rb").read() == open(tmp_path / "clean" / name, "rb").read(), name

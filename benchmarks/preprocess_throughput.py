@@ -1,15 +1,20 @@
 """Benchmark: mom-preprocess vs nanoGPT's recipe (datasets.map(num_proc=N) + np.memmap).
 
-    python benchmarks/preprocess_throughput.py [--mb 50] [--vocab-size 8000] [--out DIR]
+    python benchmarks/preprocess_throughput.py [--mb 30] [--long-mb 30] [--vocab-size 8000] [--out DIR]
 
-Builds an offline English corpus (CPython docs, `write_default_corpus`) of --mb and 2x --mb,
-trains one SentencePiece model, then runs each configuration in its own process while
-sampling the RSS of its whole process tree (peak = max of the sum over the tree):
-    ours    workers 1 and 2 on the corpus, workers 1 on the doubled corpus
+Two corpora, both offline, written as JSON lines:
+    short  `write_default_corpus` (CPython docs): paragraphs, ~2-8 KB documents, --mb and 2x --mb
+    long   rendered man pages (`man`/groff on /usr/share/man, pages of 8 KB or more; without
+           them, CPython docs joined into 40-200 paragraph documents), --long-mb
+Trains one SentencePiece model (on the short corpus, not timed), then runs each configuration in
+its own process while sampling the RSS of its whole process tree (peak = max of the sum):
+    ours    workers 1 and 2 (short, long, doubled short)
     nanoGPT datasets.load_dataset("json") -> map(encode + EOD, num_proc=N) -> np.memmap .bin
-Both use the same tokenizer and write uint16 tokens; the tokenizer is trained beforehand and
-not timed. Prints a markdown table (checked in at benchmarks/results/preprocess_throughput.md)
-with tokens/s, speedup, peak RSS and the extrapolated wall time for OpenWebText (9.04e9 tokens).
+    encode  SentencePiece alone, one thread, over the same documents held in memory: the
+            ceiling for one worker (where the time goes)
+    train   tokenizer training at two --tokenizer-train-mb caps (peak RSS grows with the cap)
+Prints a markdown table (checked in at benchmarks/results/preprocess_throughput.md) with
+tokens/s, speedup, peak RSS and the extrapolated wall time for OpenWebText (9.04e9 tokens).
 """
 from __future__ import annotations
 
@@ -67,6 +72,100 @@ def run_nanogpt(corpus, prefix, model, workers, shard_mb=None):
     return {"tokens": total, "seconds": time.time() - t}
 
 
+def run_encode(corpus, prefix, model, workers, shard_mb=None):
+    """SentencePiece encode only (one thread, documents already in memory): the per-core ceiling."""
+    from mom_dist.data.corpus import iter_records
+    from mom_dist.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(model)
+    texts = [r.text for _, r in iter_records([corpus]) if r.text]
+    t = time.time()
+    total = 0
+    for start in range(0, len(texts), 256):
+        total += sum(len(ids) + 1 for ids in tok.encode_batch(texts[start:start + 256]))
+    return {"tokens": total, "seconds": time.time() - t}
+
+
+def run_train(corpus, prefix, model, train_mb, shard_mb=None):
+    """Tokenizer training inside mom-preprocess (the phase whose RSS grows with the cap)."""
+    from mom_dist.data.preprocess import _Settings, _train
+
+    os.makedirs(prefix, exist_ok=True)
+    settings = _Settings(files=[corpus], text_field="text", shard_mb=16, valid_ratio=0, seed=1234,
+                         tokenizer_model=None, tokenizer_identity=None, vocab_size=8000, model_type="bpe",
+                         tokenizer_train_mb=float(train_mb), input_sentence_size=2_000_000)
+    t = time.time()
+    _train([corpus], settings, prefix)
+    return {"tokens": 0, "seconds": time.time() - t}
+
+
+def _render_man(path):
+    """Plain text of one man page, or None (groff warnings and failures are ignored)."""
+    try:
+        src = subprocess.run(["man", "-l", "-P", "cat", path], capture_output=True, timeout=60,
+                             env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", LANG="C.UTF-8"))
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = src.stdout.decode("utf-8", "replace")
+    # strip overstrike bold/underline (char BACKSPACE char) that some pages keep
+    import re
+
+    return re.sub(".\x08", "", text) if src.returncode == 0 else None
+
+
+def write_long_corpus(out_dir, target_mb, min_kb=8):
+    """Long documents as JSON lines: rendered man pages of >= min_kb KB (sorted by path), or,
+    without man pages, CPython doc paragraphs joined into 40-200 paragraph documents."""
+    import random
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "long.jsonl")
+    if os.path.exists(path):
+        return path, json.load(open(path + ".info"))
+    target = int(target_mb * 2**20)
+    written, docs = 0, 0
+    pages = sorted(os.path.join(r, n) for r, _, ns in os.walk("/usr/share/man")
+                   for n in ns if r.split(os.sep)[-1].startswith("man")) if shutil.which("man") else []
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        if pages:
+            source = "rendered man pages (/usr/share/man, MANWIDTH=80)"
+            with ThreadPoolExecutor(os.cpu_count() or 2) as ex:
+                for start in range(0, len(pages), 64):
+                    for text in ex.map(_render_man, pages[start:start + 64]):
+                        if text and len(text.encode()) >= min_kb * 1024 and written < target:
+                            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                            f.write(line)
+                            written += len(line.encode())
+                            docs += 1
+                    if written >= target:
+                        break
+        if written < target:  # no (or too few) man pages: long documents from the CPython docs
+            from mom_dist.data.corpus import _doc_paragraphs
+
+            source = (source + " + " if pages else "") + "CPython docs joined into 40-200 paragraph documents"
+            paragraphs, rng = _doc_paragraphs(), random.Random(7)
+            while written < target:
+                doc = "\n\n".join(rng.choice(paragraphs) for _ in range(rng.randint(40, 200)))
+                line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+                f.write(line)
+                written += len(line.encode())
+                docs += 1
+    os.replace(path + ".tmp", path)
+    info = {"source": source, "documents": docs, "mb": written / 2**20, "mean_kb": written / docs / 1024}
+    json.dump(info, open(path + ".info", "w"))
+    return path, info
+
+
+def corpus_info(path):
+    n, size = 0, os.path.getsize(path)
+    with open(path, "rb") as f:
+        for _ in f:
+            n += 1
+    return {"documents": n, "mb": size / 2**20, "mean_kb": size / max(n, 1) / 1024}
+
+
 def measure(kind, corpus, prefix, model, workers, shard_mb):
     """Run one configuration in a child process; return its result and peak tree RSS (MB)."""
     import psutil
@@ -94,7 +193,8 @@ def measure(kind, corpus, prefix, model, workers, shard_mb):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--mb", type=float, default=30.0, help="short-document corpus size (and 2x)")
+    ap.add_argument("--long-mb", type=float, default=30.0, help="long-document corpus size")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--out", default="/tmp/mom_preprocess_bench")
     ap.add_argument("--shard-mb", type=float, default=4.0,
@@ -104,8 +204,8 @@ def main():
     args = ap.parse_args()
     if args.one:
         kind, corpus, prefix, model, workers, shard_mb = args.one
-        fn = run_ours if kind == "ours" else run_nanogpt
-        print(json.dumps(fn(corpus, prefix, model, int(workers), float(shard_mb))))
+        fn = {"ours": run_ours, "nanogpt": run_nanogpt, "encode": run_encode, "train": run_train}[kind]
+        print(json.dumps(fn(corpus, prefix, model, int(float(workers)), float(shard_mb))))
         return
 
     sys.path.insert(0, ROOT)
@@ -115,40 +215,64 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     small = write_default_corpus(os.path.join(args.out, "small"), target_mb=args.mb)
     big = write_default_corpus(os.path.join(args.out, "big"), target_mb=2 * args.mb)
+    long, long_info = write_long_corpus(os.path.join(args.out, "long"), args.long_mb)
     model = os.path.join(args.out, "tok.model")
     if not os.path.exists(model):
         texts = (r.text for _, r in iter_records([small]) if r.text)
         train_tokenizer(texts, model[:-6], vocab_size=args.vocab_size, input_sentence_size=200_000)
+    names = {small: f"short {args.mb:g} MB", big: f"short {2 * args.mb:g} MB", long: f"long {args.long_mb:g} MB"}
 
     rows = []
-    for kind, corpus, workers, label in (
-        ("ours", small, 1, f"{args.mb:g} MB"), ("ours", small, 2, f"{args.mb:g} MB"),
-        ("nanogpt", small, 1, f"{args.mb:g} MB"), ("nanogpt", small, 2, f"{args.mb:g} MB"),
-        ("ours", big, 1, f"{2 * args.mb:g} MB"), ("ours", big, 2, f"{2 * args.mb:g} MB"),
-    ):
-        r = measure(kind, corpus, os.path.join(args.out, f"{kind}{workers}_{label[:-3]}", "p"), model, workers,
-                    args.shard_mb)
+    plan = [("encode", small, 1), ("ours", small, 1), ("ours", small, 2), ("nanogpt", small, 1),
+            ("nanogpt", small, 2), ("encode", long, 1), ("ours", long, 1), ("ours", long, 2),
+            ("nanogpt", long, 1), ("nanogpt", long, 2), ("ours", big, 1), ("ours", big, 2)]
+    for kind, corpus, workers in plan:
+        label = names[corpus]
+        r = measure(kind, corpus, os.path.join(args.out, f"{kind}{workers}_{label.replace(' ', '_')}", "p"),
+                    model, workers, args.shard_mb)
         r.update(kind=kind, workers=workers, corpus=label, tps=r["tokens"] / r["seconds"])
         rows.append(r)
-        print(f"{kind:8s} w={workers} {label:>7s}: {r['tps']:,.0f} tok/s, {r['seconds']:.1f} s, "
+        print(f"{kind:8s} w={workers} {label:>14s}: {r['tps']:,.0f} tok/s, {r['seconds']:.1f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    train_rows = []
+    for cap in (4, 16):
+        r = measure("train", small, os.path.join(args.out, f"train{cap}"), model, cap, args.shard_mb)
+        train_rows.append((cap, r))
+        print(f"train cap {cap} MB: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
 
     base = {(r["kind"], r["corpus"]): r["tps"] for r in rows if r["workers"] == 1}
+    ng = {(r["corpus"], r["workers"]): r for r in rows if r["kind"] == "nanogpt"}
+    info = {names[small]: corpus_info(small), names[big]: corpus_info(big), names[long]: long_info}
     lines = [
-        f"Corpus: `write_default_corpus` (CPython docs as JSON lines), SentencePiece BPE vocab "
-        f"{args.vocab_size}, uint16 output, shards of {args.shard_mb:g} MB, one SentencePiece thread per worker. "
-        f"Machine: {os.cpu_count()} CPU cores. "
+        f"SentencePiece BPE vocab {args.vocab_size} (trained on the short corpus), uint16 output, shards of "
+        f"{args.shard_mb:g} MB, one SentencePiece thread per worker. Machine: {os.cpu_count()} CPU cores. "
         f"OWT = extrapolated wall time for OpenWebText ({OWT_TOKENS:.2e} tokens) at this rate.",
         "",
-        "| pipeline | corpus | workers | tokens | seconds | tokens/s | vs 1 worker | peak RSS (MB) | OWT (h) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| corpus | source | documents | mean document |",
+        "|---|---|---|---|",
     ]
+    for label, i in info.items():
+        src = i.get("source", "`write_default_corpus` (CPython docs)")
+        lines.append(f"| {label} | {src} | {i['documents']:,} | {i['mean_kb']:.1f} KB |")
+    lines += [
+        "",
+        "| pipeline | corpus | workers | tokens | seconds | tokens/s | vs 1 worker | vs nanoGPT (same workers) "
+        "| peak RSS (MB) | OWT (h) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    titles = {"ours": "mom-preprocess", "nanogpt": "nanoGPT (datasets.map + memmap)",
+              "encode": "SentencePiece encode alone (in memory)"}
     for r in rows:
-        name = "mom-preprocess" if r["kind"] == "ours" else "nanoGPT (datasets.map + memmap)"
+        other = ng.get((r["corpus"], r["workers"]))
+        vs = f"{other['seconds'] / r['seconds']:.2f}x faster" if other and r["kind"] == "ours" else ""
         lines.append(
-            f"| {name} | {r['corpus']} | {r['workers']} | {r['tokens']:,} | {r['seconds']:.1f} | "
-            f"{r['tps']:,.0f} | {r['tps'] / base[(r['kind'], r['corpus'])]:.2f}x | "
+            f"| {titles[r['kind']]} | {r['corpus']} | {r['workers']} | {r['tokens']:,} | {r['seconds']:.1f} | "
+            f"{r['tps']:,.0f} | {r['tps'] / base[(r['kind'], r['corpus'])]:.2f}x | {vs} | "
             f"{r['peak_rss_mb']:.0f} | {OWT_TOKENS / r['tps'] / 3600:.1f} |")
+    lines += ["", "| tokenizer training (inside mom-preprocess) | --tokenizer-train-mb | seconds | peak RSS (MB) |",
+              "|---|---|---|---|"]
+    for cap, r in train_rows:
+        lines.append(f"| {names[small]}, vocab 8000 | {cap} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     print("\n".join(lines))
 
 

@@ -4,13 +4,17 @@
     mom-preprocess --verify data/owt_train_text_document [--tokenizer-model M.model]
 
 All logic lives in `mom_dist.data.preprocess` and `mom_dist.data.indexed`; this only parses
-arguments and turns known errors into one-line messages with exit code 2.
+arguments and turns known errors into one line `mom-preprocess: error: ...`: exit 2 for bad
+input, arguments or data (nothing is left behind, previous outputs are intact), exit 1 for
+failures on the output side (disk full: the work directory is kept, rerun to resume).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from mom_dist.exit_codes import BAD_INPUT, FAILED, FINISHED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,19 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mom_dist.data.corpus import InputError
-    from mom_dist.data.indexed import DataIntegrityError, verify
-    from mom_dist.data.preprocess import OutputExistsError, preprocess
+    from mom_dist.data.preprocess import REJECTED, OutputExistsError, preprocess
 
     try:
         if args.verify:
+            from mom_dist.data.indexed import verify
+
             report = verify(args.verify, args.tokenizer_model, samples=args.samples)
             print(json.dumps(report, indent=2, ensure_ascii=False))
             print(f"OK: {report['documents']:,} documents, {report['tokens']:,} tokens", file=sys.stderr)
             return 0
         if not args.inputs or not args.output_prefix:
-            print("mom-preprocess: give INPUT... and --output-prefix (or --verify PREFIX)", file=sys.stderr)
-            return 2
+            print("mom-preprocess: error: give INPUT... and --output-prefix (or --verify PREFIX)", file=sys.stderr)
+            return BAD_INPUT
         summary = preprocess(
             args.inputs, args.output_prefix, tokenizer_model=args.tokenizer_model,
             vocab_size=args.vocab_size, model_type=args.model_type, workers=args.workers,
@@ -66,15 +70,27 @@ def main(argv=None) -> int:
             keep_work=args.keep_work,
             progress=False if args.no_progress else (args.total_docs or True),
         )
-    except (InputError, OutputExistsError, DataIntegrityError, ValueError, FileNotFoundError) as err:
-        print(f"mom-preprocess: error: {err}", file=sys.stderr)
-        return 2
+    except REJECTED + (OutputExistsError, FileNotFoundError) as err:
+        print(f"mom-preprocess: error: {_one_line(err)}", file=sys.stderr)
+        return BAD_INPUT
+    except OSError as err:  # disk full, permissions on the output side: the work dir is kept
+        print(f"mom-preprocess: error: {_one_line(err)} (rerun the same command to resume)", file=sys.stderr)
+        return FAILED
+    if summary.get("already_complete"):
+        print(f"mom-preprocess: {args.output_prefix} is already complete for these inputs and settings; "
+              "nothing to do (--overwrite rebuilds it)", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("documents", "tokens", "train", "valid", "skipped",
                                               "wall_time_s")}, indent=2))
     if summary["skipped_total"]:
-        print(f"skipped {summary['skipped_total']} records: {summary['skipped']} "
-              f"(examples in {args.output_prefix}_summary.json)", file=sys.stderr)
-    return 0
+        first = summary["skipped_examples"][0] if summary["skipped_examples"] else None
+        where = f"; first at {first['where']} ({first['reason']})" if first else ""
+        print(f"mom-preprocess: skipped {summary['skipped_total']} records: {summary['skipped']}{where} "
+              f"(up to 20 locations in {args.output_prefix}_summary.json)", file=sys.stderr)
+    return FINISHED
+
+
+def _one_line(err) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -6,18 +6,23 @@ holding the corpus in memory:
     hub:NAME[:SPLIT]         a hub dataset, streamed with `datasets` (needs a reachable hub)
     DIR with dataset_info.json / state.json   a dataset saved with `save_to_disk`
     DIR                      every *.txt, *.jsonl[.gz|.zst], *.parquet, *.tar, *.xz below it,
-                             sorted by path (the OpenWebText release unpacks to such a folder)
+                             sorted by path relative to DIR in byte order (`find DIR | LC_ALL=C
+                             sort`); other files are ignored and reported (`check_inputs`)
     FILE.txt                 one document
     FILE.jsonl / .json / .jsonl.gz / .jsonl.zst   one JSON object per line, text in `text_field`
     FILE.parquet             rows, text in `text_field` (read in record batches with pyarrow)
     FILE.tar / .tar.xz / .tar.gz / .xz   an archive in the OpenWebText layout: members are
                              .txt documents, .xz-compressed .txt documents, or .xz-compressed
-                             tars of .txt documents (OpenWebText's `urlsf_subset*_data.xz`)
+                             tars of .txt documents (OpenWebText's `urlsf_subset*_data.xz`),
+                             read in member order (an archive and its unpacked folder hold the
+                             same documents, usually in a different order)
 
 A `Record` carries either the text or the reason it was skipped (malformed JSON, invalid
-UTF-8, missing field, empty document), so bad records are counted and reported, not fatal.
-Problems with the inputs themselves (missing path, unreadable archive) raise `InputError`
-before any output is written (`check_inputs`).
+UTF-8 or a lone surrogate escape, missing field, empty document), so bad records are counted
+and reported, not fatal. Problems with the inputs themselves (missing path, unreadable archive,
+truncated .xz) raise `InputError` before any output is written (`check_inputs`); corruption only
+visible while streaming (a truncated .gz, a bad member inside a tar) raises `CorruptInputError`
+naming the file and the byte offset where reading failed.
 """
 from __future__ import annotations
 
@@ -47,6 +52,21 @@ _ALL_SUFFIXES = _TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES + _ARCHIVE_
 
 class InputError(ValueError):
     """An input cannot be read at all (missing, unreadable, unknown kind). Raised up front."""
+
+
+class CorruptInputError(InputError):
+    """An input turned out corrupt while streaming it; the message names the file and offset."""
+
+
+# What decompressors and readers raise on corrupt or truncated data (zstd's error is added
+# lazily, zstandard being optional).
+_STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError)
+
+
+def _corrupt(path: str, offset, err, fix: str = "re-download or remove it from the inputs"):
+    return CorruptInputError(
+        f"input {path!r} is corrupt or truncated at {offset} ({type(err).__name__}: {err}); {fix}"
+    )
 
 
 @dataclass
@@ -118,26 +138,37 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
-def _expand(path: str) -> list[str]:
-    """The files one input path stands for, sorted; a saved dataset or hub name is itself."""
+def _expand(path: str, ignored: Optional[list] = None) -> list[str]:
+    """The files one input path stands for; a saved dataset or hub name is itself.
+
+    A folder gives every readable file below it, sorted by its path relative to the folder
+    (byte order, so `a.txt` < `a/b.txt` < `b.txt`, like `find DIR | LC_ALL=C sort`). Files of
+    other kinds are appended to `ignored` so the caller can report them.
+    """
     if path.startswith("hub:") or _is_saved_dataset(path):
         return [path]
     if os.path.isdir(path):
-        files = []
+        found = []
         for root, dirs, names in os.walk(path):
-            dirs.sort()
-            for name in sorted(names):
+            for name in names:
+                full = os.path.join(root, name)
                 if name.endswith(_ALL_SUFFIXES):
-                    files.append(os.path.join(root, name))
-        return files
+                    found.append(full)
+                elif ignored is not None:
+                    ignored.append(full)
+        found.sort(key=lambda f: os.path.relpath(f, path).encode("utf-8", "surrogateescape"))
+        return found
     return [path]
 
 
-def check_inputs(inputs: list[str]) -> list[str]:
-    """Resolve the inputs to a sorted file list; raise InputError for anything unreadable.
+def check_inputs(inputs: list[str], ignored: Optional[list] = None) -> list[str]:
+    """Resolve the inputs to a file list (folders expanded, see `_expand`); raise InputError
+    for anything unreadable.
 
-    Checks existence, that each file has a known kind, and that archives open, so a bad
-    input stops the run before a single output byte is written.
+    Checks existence, that each file has a known kind, that archives and compressed files open
+    and that .xz streams are complete (their footer is present), so a bad input stops the run
+    before a single output byte is written. Files of unknown kinds found inside folders are
+    appended to `ignored`.
     """
     if not inputs:
         raise InputError("no inputs given: pass at least one file, directory or hub:NAME")
@@ -148,7 +179,7 @@ def check_inputs(inputs: list[str]) -> list[str]:
             continue
         if not os.path.exists(path):
             raise InputError(f"input not found: {path!r}; check the path (inputs are read, never created)")
-        expanded = _expand(path)
+        expanded = _expand(path, ignored)
         if not expanded:
             raise InputError(
                 f"input directory {path!r} holds no readable files "
@@ -171,6 +202,15 @@ def _check_file(path: str) -> None:
             f"input {path!r} has an unknown kind; use one of {', '.join(_ALL_SUFFIXES)}, "
             "a directory of them, a datasets save_to_disk folder, or hub:NAME"
         )
+    if path.endswith(".xz"):
+        _check_xz_footer(path)
+    if path.endswith((".gz", ".zst")) and not path.endswith(_ARCHIVE_SUFFIXES):
+        try:
+            with _open_compressed(path) as f:
+                f.read(1)
+        except Exception as err:  # gzip/zstd raise several unrelated types on garbage
+            raise InputError(f"cannot read compressed file {path!r} ({err}); it is corrupt or not "
+                             f"{path.rsplit('.', 1)[-1]}-compressed. Re-create it or remove it from the inputs") from err
     if path.endswith(_ARCHIVE_SUFFIXES):
         try:
             with tarfile.open(path, "r:*") as tar:
@@ -189,6 +229,22 @@ def _check_file(path: str) -> None:
             ) from err
 
 
+def _check_xz_footer(path: str) -> None:
+    """A complete .xz file ends with a stream footer whose last two bytes are b"YZ" (xz format
+    spec 2.1.2.4, before any null stream padding); a truncated download does not. Reads the
+    last KiB, so it is free up front."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+        f.seek(max(0, size - 1024))
+        tail = f.read().rstrip(b"\x00")  # stream padding (null bytes) may follow the footer
+    if magic == b"\xfd7zXZ\x00" and (size < 12 or not tail.endswith(b"YZ")):
+        raise InputError(
+            f"xz file {path!r} is truncated ({size} bytes, no end-of-stream footer); re-download it "
+            "or remove it from the inputs"
+        )
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -200,11 +256,18 @@ def _decode(data: bytes, where: str) -> Record:
     return _text_record(text, where)
 
 
-def _text_record(text, where: str) -> Record:
+def _text_record(text, where: str, check_surrogates: bool = False) -> Record:
     if not isinstance(text, str):
         return Record(None, SKIP_FIELD, where)
     if not text.strip():
         return Record(None, SKIP_EMPTY, where)
+    if check_surrogates:
+        # JSON may escape a lone surrogate (valid JSON, not valid Unicode): SentencePiece
+        # cannot take such a str, and no UTF-8 file can hold it.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return Record(None, SKIP_UTF8, where)
     return Record(text, None, where)
 
 
@@ -219,9 +282,25 @@ def _open_compressed(path: str):
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
+    errors = _STREAM_ERRORS
+    if path.endswith(".zst"):
+        import zstandard
+
+        errors = errors + (zstandard.ZstdError,)
+    offset, lineno = 0, 0
     with _open_compressed(path) as raw:
         stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
-        for lineno, line in enumerate(stream, 1):
+        lines = iter(stream)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except errors as err:
+                where = "decompressed byte" if path.endswith((".gz", ".zst")) else "byte"
+                raise _corrupt(path, f"{where} {offset} (after line {lineno})", err) from err
+            lineno += 1
+            offset += len(line)
             where = f"{path}:{lineno}"
             if not line.strip():
                 continue  # blank lines between records are not documents
@@ -238,7 +317,7 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
             if not isinstance(obj, dict) or text_field not in obj:
                 yield Record(None, SKIP_FIELD, where)
                 continue
-            yield _text_record(obj[text_field], where)
+            yield _text_record(obj[text_field], where, check_surrogates="\\u" in line_text)
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
@@ -251,7 +330,14 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
             f"{pf.schema_arrow.names}); pass --text-field"
         )
     row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+    batches = pf.iter_batches(batch_size=1024, columns=[text_field])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
+            raise _corrupt(path, f"row {row}", err) from err
         for text in batch.column(0).to_pylist():
             yield _text_record(text, f"{path}:row{row}")
             row += 1
@@ -263,21 +349,35 @@ def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
         tar = tarfile.open(fileobj_or_path, "r:*")
     else:
         tar = tarfile.open(fileobj=fileobj_or_path, mode="r|*")
+    offset = 0  # of the last member header in the (decompressed) tar stream
     with tar:
-        for member in tar:
+        members = iter(tar)
+        while True:
+            try:
+                member = next(members)
+            except StopIteration:
+                break
+            except _STREAM_ERRORS as err:
+                raise _corrupt(where, f"tar byte {offset} (after the member there)", err) from err
+            offset = member.offset
             if not member.isfile():
                 continue
             name = f"{where}/{member.name}"
-            f = tar.extractfile(member)
-            if f is None:
+            try:
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else None
+            except _STREAM_ERRORS as err:
+                raise _corrupt(where, f"member {member.name!r} (tar byte {offset})", err) from err
+            if data is None:
                 continue
             if member.name.endswith(".txt"):
-                yield _decode(f.read(), name)
+                yield _decode(data, name)
             elif member.name.endswith(".xz"):
                 try:
-                    data = lzma.decompress(f.read())
-                except lzma.LZMAError:
-                    raise InputError(f"corrupt .xz member {name!r}; re-download the archive")
+                    data = lzma.decompress(data)
+                except (lzma.LZMAError, EOFError) as err:
+                    raise _corrupt(where, f"member {member.name!r} (tar byte {offset}), a truncated or "
+                                   "corrupt .xz", err, "re-download the archive") from err
                 if member.name.endswith(".txt.xz") or not _looks_like_tar(data):
                     yield _decode(data, name)
                 else:
@@ -289,13 +389,20 @@ def _looks_like_tar(data: bytes) -> bool:
 
 
 def _read_xz(path: str) -> Iterator[Record]:
-    with lzma.open(path) as f:
-        head = f.read(512)
+    try:
+        with lzma.open(path) as f:
+            head = f.read(512)
+    except _STREAM_ERRORS as err:
+        raise _corrupt(path, "decompressed byte 0", err) from err
     if _looks_like_tar(head):
         yield from _read_tar(path, path)
     else:
-        with lzma.open(path) as f:
-            yield _decode(f.read(), path)
+        try:
+            with lzma.open(path) as f:
+                data = f.read()
+        except _STREAM_ERRORS as err:
+            raise _corrupt(path, "a decompressed byte past 0 (one document)", err) from err
+        yield _decode(data, path)
 
 
 def _read_saved(path: str, text_field: str) -> Iterator[Record]:
@@ -324,7 +431,7 @@ def _read_hub(spec: str, text_field: str) -> Iterator[Record]:
     name, _, split = spec[len("hub:"):].partition(":")
     ds = datasets.load_dataset(name, split=split or "train", streaming=True)
     for i, row in enumerate(ds):
-        yield _text_record(row.get(text_field), f"{spec}:row{i}")
+        yield _text_record(row.get(text_field), f"{spec}:row{i}", check_surrogates=True)
 
 
 def reader_for(path: str, text_field: str) -> Callable[[], Iterator[Record]]:
@@ -335,8 +442,12 @@ def reader_for(path: str, text_field: str) -> Callable[[], Iterator[Record]]:
         return lambda: _read_saved(path, text_field)
     if path.endswith(_TEXT_SUFFIXES):
         def read_txt():
-            with open(path, "rb") as f:
-                yield _decode(f.read(), path)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as err:
+                raise _corrupt(path, "byte 0", err, "check the file and its permissions") from err
+            yield _decode(data, path)
         return read_txt
     if path.endswith(_JSONL_SUFFIXES):
         return lambda: _read_jsonl(path, text_field)
@@ -366,6 +477,6 @@ def input_bytes(files: list[str]) -> int:
 
 
 __all__ = [
-    "InputError", "Record", "write_default_corpus", "check_inputs", "iter_records",
+    "InputError", "CorruptInputError", "Record", "write_default_corpus", "check_inputs", "iter_records",
     "reader_for", "input_bytes", "SKIP_EMPTY", "SKIP_UTF8", "SKIP_JSON", "SKIP_FIELD",
 ]

@@ -13,6 +13,7 @@ megatron-core's `IndexedDataset` in the tests.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,14 +68,22 @@ class ShardWriter:
 
 
 def merge_shards(shard_paths: list[str], prefix: str, dtype) -> dict:
-    """Concatenate shards (written by ShardWriter) into `{prefix}.bin/.idx`. Streams: O(shard) memory."""
+    """Concatenate shards (written by ShardWriter) into `{prefix}.bin/.idx`. Streams: O(shard) memory.
+
+    Returns documents, tokens and the sha256 of the .bin (hashed while copying; `verify` checks it).
+    """
     dtype = np.dtype(dtype)
     n_seq = sum(os.path.getsize(p + ".len") // 4 for p in shard_paths)
     tmp_bin, tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
+    digest = hashlib.sha256()
     with open(tmp_bin, "wb") as out:
         for p in shard_paths:
             with open(p + ".bin", "rb") as f:
-                shutil.copyfileobj(f, out, _CHUNK)
+                for block in iter(lambda: f.read(_CHUNK), b""):
+                    digest.update(block)
+                    out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
     with open(tmp_idx, "wb") as out:
         out.write(HEADER + struct.pack("<Q", 1) + struct.pack("<B", DTYPE_CODES[dtype]))
         out.write(struct.pack("<Q", n_seq) + struct.pack("<Q", n_seq + 1))
@@ -95,9 +104,11 @@ def merge_shards(shard_paths: list[str], prefix: str, dtype) -> dict:
             stop = min(n_seq + 1, start + _CHUNK)
             out.write(np.arange(start, stop, dtype=np.int64).tobytes())
             start = stop
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp_bin, prefix + ".bin")
     os.replace(tmp_idx, prefix + ".idx")
-    return {"documents": n_seq, "tokens": offset // dtype.itemsize}
+    return {"documents": n_seq, "tokens": offset // dtype.itemsize, "bin_sha256": digest.hexdigest()}
 
 
 def write_documents(prefix: str, docs: Iterable[Iterable[int]], dtype) -> dict:
@@ -167,15 +178,66 @@ def read_index(prefix: str) -> IndexInfo:
     return info
 
 
-def max_token_id(prefix: str, info: IndexInfo | None = None) -> int:
-    """Largest token id in `{prefix}.bin` (scans it in chunks; prefer the .meta.json value)."""
-    info = info or read_index(prefix)
-    data = np.memmap(prefix + ".bin", mode="r", dtype=info.dtype)
-    best = -1
+def _id_range(data) -> tuple[int, int]:
+    lo, hi = 0, -1
     for start in range(0, len(data), _CHUNK * 4):
         chunk = data[start:start + _CHUNK * 4]
         if len(chunk):
-            best = max(best, int(chunk.max()))
+            lo, hi = min(lo, int(chunk.min())), max(hi, int(chunk.max()))
+    return lo, hi
+
+
+def max_token_id(prefix: str, info: IndexInfo | None = None) -> int:
+    """Largest token id in `{prefix}.bin` (scans all of it in chunks)."""
+    info = info or read_index(prefix)
+    return _id_range(np.memmap(prefix + ".bin", mode="r", dtype=info.dtype))[1]
+
+
+def check_tokens(prefix: str, info: IndexInfo, vocab_size: int, eod: int | None = None, *,
+                 full: bool = False, samples: int = 64, max_tokens: int = 4096) -> int:
+    """Check the token ids in `{prefix}.bin` against the vocabulary; return the largest id seen.
+
+    full=False (the loader, before training): `samples` documents evenly spread over the file,
+    up to `max_tokens` of each, plus the last token of every sampled document. Catches a .bin
+    that is not what its .idx/.meta.json describe (random bytes of the right size, another
+    tokenizer's data) at the cost of a few reads. full=True (`--verify`): every id and every
+    document's last token. `eod`: when given, every checked document must end with it
+    (mom-preprocess appends it to each document).
+    """
+    n = info.documents
+    if n == 0:
+        return -1
+    data = np.memmap(prefix + ".bin", mode="r", dtype=info.dtype)
+    item = info.dtype.itemsize
+    if full:
+        lo, best = _id_range(data)
+        docs = np.arange(n)
+    else:
+        docs = np.unique(np.linspace(0, n - 1, num=min(samples, n)).astype(np.int64))
+        lo, best = 0, -1
+        for d in docs:
+            start = int(info.pointers[d]) // item
+            chunk = data[start:start + min(int(info.lengths[d]), max_tokens)]
+            if len(chunk):
+                lo, best = min(lo, int(chunk.min())), max(best, int(chunk.max()))
+    if best >= vocab_size or lo < 0:
+        bad_id = best if best >= vocab_size else lo
+        raise DataIntegrityError(
+            f"{prefix}.bin holds token id {bad_id} but the vocabulary has ids 0..{vocab_size - 1}: the .bin "
+            f"is corrupt or was not written for this .idx/.meta.json; rebuild {prefix} with mom-preprocess"
+        )
+    if eod is not None:
+        lengths = info.lengths[docs].astype(np.int64)
+        nonempty = lengths > 0
+        ends = (info.pointers[docs][nonempty] // item) + lengths[nonempty] - 1
+        last = np.asarray(data[ends]) if full or len(ends) < 1024 else np.asarray(data[ends[:1024]])
+        bad = np.flatnonzero(last != eod)
+        if len(bad) or not nonempty.all():
+            which = int(docs[nonempty][bad[0]]) if len(bad) else int(docs[~nonempty][0])
+            raise DataIntegrityError(
+                f"{prefix}.bin: document {which} does not end with the end-of-document id {eod}: the "
+                f".bin is corrupt or does not belong to this .idx; rebuild {prefix} with mom-preprocess"
+            )
     return best
 
 
@@ -198,39 +260,75 @@ def read_meta(prefix: str) -> dict | None:
         return None
 
 
+def tokenizer_mismatch(meta: dict | None, tok) -> str | None:
+    """Why `tok` is not the tokenizer recorded in `meta`, or None when it is (or none is recorded).
+
+    Compares the vocabulary identity (`Tokenizer.identity`); data written before that was
+    recorded falls back to the .model file's sha256.
+    """
+    if not meta:
+        return None
+    if meta.get("tokenizer_identity"):
+        if meta["tokenizer_identity"] != tok.identity:
+            return (f"its vocabulary differs (identity {meta['tokenizer_identity'][:12]}..., "
+                    f"given {tok.identity[:12]}...)")
+        return None
+    if meta.get("tokenizer_sha256") not in (None, tok.sha256):
+        return f"its .model file differs (sha256 {meta['tokenizer_sha256'][:12]}..., given {tok.sha256[:12]}...)"
+    return None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify(prefix: str, tokenizer_model: str | None = None, samples: int = 3,
            full: bool = True) -> dict:
-    """Check `{prefix}.bin/.idx`; return counts (+ decoded samples when a tokenizer is given).
+    """Check `{prefix}.bin/.idx`; return counts (+ decoded samples when a tokenizer is found).
 
-    Also loads the pair with megatron-core's IndexedDataset, so what passes here trains.
+    full=True (`mom-preprocess --verify`): the .bin's sha256 against the .meta.json, every token
+    id against the vocabulary and every document's final EOD; full=False: the sampled check the
+    loader does (`check_tokens`). Also loads the pair with megatron-core's IndexedDataset, so
+    what passes here trains.
     """
     info = read_index(prefix)
     report = {"prefix": prefix, "dtype": info.dtype.name, "documents": info.documents,
               "tokens": info.tokens}
-    meta = read_meta(prefix)
-    if full:
-        report["max_token_id"] = max_token_id(prefix, info)
-        if meta and meta.get("vocab_size") is not None and report["max_token_id"] >= meta["vocab_size"]:
+    meta = read_meta(prefix) or {}
+    if full and meta.get("bin_sha256"):
+        if file_sha256(prefix + ".bin") != meta["bin_sha256"]:
             raise DataIntegrityError(
-                f"{prefix}: token id {report['max_token_id']} >= vocab size {meta['vocab_size']}"
+                f"{prefix}.bin does not match the sha256 in {meta_path(prefix)}: the file was changed or "
+                f"corrupted after mom-preprocess wrote it; rebuild {prefix}"
             )
+        report["bin_sha256"] = "ok"
+    if tokenizer_model is None and meta.get("tokenizer_model"):
+        candidate = os.path.join(os.path.dirname(os.path.abspath(prefix)), meta["tokenizer_model"])
+        tokenizer_model = candidate if os.path.isfile(candidate) else None
+    tok = None
+    if tokenizer_model:
+        from mom_dist.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer_model)
+        why = tokenizer_mismatch(meta, tok)
+        if why:
+            raise DataIntegrityError(f"{prefix} was tokenized with another tokenizer than {tokenizer_model}: {why}")
+    vocab = meta.get("vocab_size") or (tok.vocab_size if tok else None)
+    if vocab is not None:
+        eod = meta.get("eod") if meta.get("eod_terminated") else None
+        report["max_token_id"] = check_tokens(prefix, info, int(vocab), eod, full=full)
+    elif full:
+        report["max_token_id"] = max_token_id(prefix, info)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix, mmap=True)
     if len(ds) != info.documents:
         raise DataIntegrityError(f"{prefix}: megatron reads {len(ds)} sequences, index says {info.documents}")
-    if tokenizer_model is None and meta and meta.get("tokenizer_model"):
-        candidate = os.path.join(os.path.dirname(os.path.abspath(prefix)), meta["tokenizer_model"])
-        tokenizer_model = candidate if os.path.isfile(candidate) else None
-    if tokenizer_model and samples:
-        from mom_dist.data.tokenizer import Tokenizer
-
-        tok = Tokenizer(tokenizer_model)
-        if meta and meta.get("tokenizer_sha256") not in (None, tok.sha256):
-            raise DataIntegrityError(
-                f"{prefix} was tokenized with a different tokenizer (sha256 {meta['tokenizer_sha256'][:12]}..., "
-                f"given {tok.sha256[:12]}...)"
-            )
+    if tok is not None and samples:
         picks = np.linspace(0, info.documents - 1, num=min(samples, info.documents)).astype(int)
         report["samples"] = [
             {"document": int(i), "tokens": int(info.lengths[i]), "text": tok.decode(ds[int(i)][:64]) + " ..."}

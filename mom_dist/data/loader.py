@@ -50,7 +50,8 @@ class DataConfig:
     train_weights: Optional[list] = None   # None: weights proportional to each prefix's tokens
     valid_prefixes: Optional[list] = None  # None: validation comes from `split` of the train data
     valid_weights: Optional[list] = None
-    split: str = "969,30,1"                # train,valid,test parts of each train prefix
+    split: Optional[str] = None            # train,valid,test parts of each train prefix, only
+                                           # without valid_prefixes (None: "969,30,1")
     seq_length: int = 1024
     seed: int = 1234
     reset_position_ids: bool = False
@@ -85,8 +86,12 @@ class DataConfig:
             if p.endswith((".bin", ".idx")):
                 bad("train_prefixes/valid_prefixes", f"{p!r} ends with .bin/.idx",
                     "give the prefix without the extension")
+        if self.split is not None and self.valid_prefixes:
+            bad("split", f"{self.split!r} is set together with valid_prefixes, which already hold the "
+                "validation data (split would be ignored)", "remove split, or remove valid_prefixes to carve "
+                "validation out of the train prefixes")
         try:
-            parts = [float(x) for x in str(self.split).split(",")]
+            parts = [float(x) for x in str(self.resolved_split()).split(",")]
         except ValueError:
             parts = []
         if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
@@ -108,6 +113,9 @@ class DataConfig:
         if unknown:
             raise ValueError(f"DataConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**d)
+
+    def resolved_split(self) -> str:
+        return self.split if self.split is not None else "969,30,1"
 
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:
@@ -166,10 +174,15 @@ def check_data(cfg: DataConfig, vocab_size: int) -> _TokenizerInfo:
                 f"{prefix} holds token id {max_id} but the model's vocab_size is {vocab_size}: the data "
                 "was made with a larger tokenizer; use the matching tokenizer/model vocab"
             )
-        if tok is not None and meta.get("tokenizer_sha256") not in (None, tok.sha256):
+        # The .meta.json describes what was written; a sample of the .bin itself must agree
+        # (ids inside the vocab, documents ending with EOD), or training would index out of range.
+        data_vocab = min(vocab_size, int(meta.get("vocab_size") or vocab_size))
+        indexed.check_tokens(prefix, info, data_vocab, meta.get("eod") if meta.get("eod_terminated") else None)
+        why = indexed.tokenizer_mismatch(meta, tok) if tok is not None else None
+        if why:
             raise ValueError(
-                f"{prefix} was tokenized with another tokenizer than {cfg.tokenizer_model} "
-                "(sha256 differs); use the .model written next to the data"
+                f"{prefix} was tokenized with another tokenizer than {cfg.tokenizer_model} ({why}); "
+                "use the .model written next to the data"
             )
         if meta.get("eod") is not None:
             eods.add(int(meta["eod"]))
@@ -185,7 +198,7 @@ def check_data(cfg: DataConfig, vocab_size: int) -> _TokenizerInfo:
             "cannot tell the end-of-document id: set DataConfig.tokenizer_model, or use data written "
             f"by mom-preprocess / write_token_documents (their .meta.json records it); found {sorted(eods)}"
         )
-    identity = {"eod": eod, "tokenizer": tok.sha256 if tok else None, "data": prints}
+    identity = {"eod": eod, "tokenizer": tok.identity if tok else None, "data": prints}
     return _TokenizerInfo(vocab_size, eod, identity)
 
 
@@ -265,7 +278,7 @@ def _build_splits(cfg: DataConfig, tok: _TokenizerInfo, train_samples: int, vali
         valid = build(cfg.valid_prefixes, cfg.valid_weights, "0,1,0", [0, valid_samples, 0])[1] \
             if valid_samples > 0 else None
     else:
-        train, valid, _ = build(cfg.train_prefixes, cfg.train_weights, cfg.split,
+        train, valid, _ = build(cfg.train_prefixes, cfg.train_weights, cfg.resolved_split(),
                                 [train_samples, valid_samples, 0])
     return train, valid
 

@@ -1,23 +1,35 @@
 """Corpus -> tokenized megatron-core IndexedDataset: the logic behind `mom-preprocess`.
 
-Pipeline (one machine, bounded memory, resumable):
+Pipeline (one machine, bounded memory, resumable, never losing previous outputs):
 
-    inputs --(corpus.iter_records, main process, streaming)--> shards of ~shard_mb of text
-          --(worker processes: SentencePiece encode + EOD, train/valid split per document)-->
-          work/shard_K.{train,valid}.{bin,len} + work/shard_K.json (written last = "done")
-          --(merge, streaming)--> {prefix}_{train,valid}_text_document.{bin,idx}
+    checks (arguments, tokenizer, inputs, prefix; nothing written if any fails)
+      -> PREFIX_work/settings.json (settings + fingerprint of every input file)
+      -> [tokenizer.model trained on the first --tokenizer-train-mb of text]
+      -> inputs --(corpus.iter_records, main process, streaming)--> shards of ~shard_mb of text
+      --(worker processes: SentencePiece encode + EOD, train/valid split per document)-->
+         work/shard_K.{train,valid}.{bin,len} + work/shard_K.json (written last = "done")
+      --(merge, streaming)--> work/out/: every output under its final name
+      -> work/commit.json (the list of files to swap in) -> os.replace each into place
+      -> PREFIX_work removed
 
 Shard boundaries depend only on the input stream and `shard_mb`, and each document's split
 only on (seed, its index), so the output is the same byte for byte for any worker count and
-after any number of interruptions: a rerun skips shards whose .json exists and redoes the rest.
+after any number of interruptions: a rerun of the same command skips shards whose .json exists
+and redoes the rest; killed during the merge it merges again; killed during the swap it finishes
+the swap (commit.json). Previous outputs under the prefix are replaced file by file with
+os.replace only once every new file is complete, never deleted first. A run refused for bad
+input (exit 2 in the CLI) removes the work directory it used, so nothing is left behind.
 At most `2 * workers` shards are in flight, so memory does not grow with the corpus.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
@@ -26,13 +38,18 @@ from typing import Optional
 import numpy as np
 
 from mom_dist.data import corpus
-from mom_dist.data.indexed import ShardWriter, merge_shards, token_dtype, write_meta
+from mom_dist.data.indexed import DataIntegrityError, ShardWriter, merge_shards, token_dtype, write_meta
 from mom_dist.data.tokenizer import Tokenizer, train_tokenizer
 
 SPLITS = ("train", "valid")
 _MAX_SKIP_EXAMPLES = 20
+_FINGERPRINT_BYTES = 8192  # hashed from the start and from the end of every input file
 # Test hook: seconds a worker sleeps before marking a shard done (lets a test kill mid-run).
 _DELAY_ENV = "MOM_PREPROCESS_TEST_SHARD_DELAY"
+# Test hook: stop (os._exit(9), as a SIGKILL would) at "merge" or "swap" (after one file).
+_DIE_ENV = "MOM_PREPROCESS_TEST_DIE_AT"
+# Errors that mean "the inputs or arguments are wrong": the run is refused and leaves nothing.
+REJECTED = (corpus.InputError, DataIntegrityError, ValueError)
 
 
 class OutputExistsError(FileExistsError):
@@ -49,10 +66,11 @@ class _Settings:
     valid_ratio: float
     seed: int
     tokenizer_model: Optional[str]
-    vocab_size: int
-    model_type: str
-    tokenizer_train_mb: float
-    input_sentence_size: int
+    tokenizer_identity: Optional[str]
+    vocab_size: Optional[int]             # the four training options: None with a given tokenizer
+    model_type: Optional[str]
+    tokenizer_train_mb: Optional[float]
+    input_sentence_size: Optional[int]
 
 
 def output_paths(prefix: str) -> dict:
@@ -66,16 +84,80 @@ def output_paths(prefix: str) -> dict:
     }
 
 
+def _all_outputs(paths: dict) -> list[str]:
+    """Every file a finished run may have written for the prefix (summary last)."""
+    out = [paths[s] + ext for s in SPLITS for ext in (".bin", ".idx", ".meta.json")]
+    return out + [paths["tokenizer"], paths["summary"]]
+
+
 def _existing_outputs(paths: dict) -> list[str]:
-    found = []
-    for key in ("train", "valid"):
-        for ext in (".bin", ".idx", ".meta.json"):
-            if os.path.exists(paths[key] + ext):
-                found.append(paths[key] + ext)
-    for key in ("tokenizer", "summary"):
-        if os.path.exists(paths[key]):
-            found.append(paths[key])
-    return found
+    return [p for p in _all_outputs(paths) if os.path.exists(p)]
+
+
+def _write_json(path: str, obj) -> None:
+    """Write atomically and durably: a reader sees the old file or the complete new one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- input fingerprint
+
+
+def _file_print(path: str) -> dict:
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if st.st_size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, st.st_size - _FINGERPRINT_BYTES))
+            h.update(f.read())
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest()}
+
+
+def input_fingerprint(files: list[str]) -> list[dict]:
+    """Path, size, mtime and a hash of the first and last 8 KiB of every input file.
+
+    A saved dataset folder contributes every file in it; `hub:` inputs only their name (a
+    remote dataset cannot be fingerprinted here). Costs two small reads per file.
+    """
+    out = []
+    for f in files:
+        if f.startswith("hub:"):
+            out.append({"path": f})
+        elif os.path.isdir(f):
+            for root, dirs, names in os.walk(f):
+                dirs.sort()
+                out.extend(_file_print(os.path.join(root, n)) for n in sorted(names))
+        else:
+            out.append(_file_print(f))
+    return out
+
+
+def _describe_change(old: list, new: list) -> str:
+    before = {d["path"]: d for d in old}
+    after = {d["path"]: d for d in new}
+    for path, d in after.items():
+        if path not in before:
+            return f"{path} is new"
+        for key, what in (("size", "size"), ("mtime_ns", "modification time"),
+                          ("head_tail_sha256", "content")):
+            if before[path].get(key) != d.get(key):
+                return f"{path} changed ({what}: {before[path].get(key)} -> {d.get(key)})"
+    for path in before:
+        if path not in after:
+            return f"{path} is gone"
+    return "the input order changed"
 
 
 # --------------------------------------------------------------------------- workers
@@ -83,8 +165,37 @@ def _existing_outputs(paths: dict) -> list[str]:
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(model_path: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the tool does, even if the tool is SIGKILLed.
+
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG). Everywhere:
+    a daemon thread polls the parent pid (covers other systems and the race where the parent
+    died before prctl ran).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _init_worker(model_path: str, parent_pid: Optional[int] = None) -> None:
     global _worker_tokenizer
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     _worker_tokenizer = Tokenizer(model_path)
 
 
@@ -123,12 +234,7 @@ def _process_shard(task: dict) -> dict:
         **{f"{s}_documents": writers[s].documents for s in SPLITS},
         **{f"{s}_tokens": writers[s].tokens for s in SPLITS},
     }
-    path = os.path.join(work, f"shard_{k:06d}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(work, f"shard_{k:06d}.json"), meta)
     return meta
 
 
@@ -191,16 +297,35 @@ def _run_shards(files, settings, work, model_path, workers, progress, stats) -> 
             account(_process_shard(t))
     else:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: callers (tests, trainers) may hold threads (torch, OpenMP).
-        with mp.get_context("spawn").Pool(workers, _init_worker, (model_path,)) as pool:
+        # ProcessPoolExecutor, not Pool: a worker that dies (OOM killer) raises BrokenProcessPool
+        # here instead of hanging forever.
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(model_path, os.getpid()))
+        procs = []
+        try:
             pending = deque()
             for t in tasks:
-                pending.append(pool.apply_async(_process_shard, (t,)))
+                pending.append(pool.submit(_process_shard, t))
+                procs = list(getattr(pool, "_processes", {}).values()) or procs
                 while len(pending) >= 2 * workers:  # bound shards in flight -> bounded memory
-                    account(pending.popleft().get())
+                    account(pending.popleft().result())
             while pending:
-                account(pending.popleft().get())
+                account(pending.popleft().result())
+        except BaseException:
+            # A bad input or Ctrl-C: stop now, do not wait for the shards in flight.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(10)
+            raise
+        pool.shutdown(wait=True)
+        for p in procs:  # shutdown joined them; make sure (no process outlives the tool)
+            p.join()
     if bar is not None:
         bar.close()
 
@@ -243,18 +368,26 @@ def preprocess(
         inputs, of which SentencePiece samples `input_sentence_size` lines.
     valid_ratio: each document goes to validation with this probability, drawn from
         (seed, document index); the first document always does when valid_ratio > 0.
+        valid_ratio=0 writes no validation files.
     progress: False, True, or the expected number of documents (gives an ETA).
 
     Writes, for `prefix = output_prefix`:
         {prefix}_train_text_document.bin/.idx   train documents (tokens + EOD), megatron format
-        {prefix}_valid_text_document.bin/.idx   validation documents
-        {prefix}_{train,valid}_text_document.meta.json   vocab size, eod, dtype, tokenizer sha256
+        {prefix}_valid_text_document.bin/.idx   validation documents (not when valid_ratio=0)
+        {prefix}_{train,valid}_text_document.meta.json   vocab size, eod, dtype, tokenizer
+                                                identity, max id, sha256 of the .bin
         {prefix}_tokenizer.model                the trained tokenizer (only when trained)
         {prefix}_summary.json                   the returned summary
     Token dtype is uint16 when the vocab is below 65,500, else int32. While running it keeps
-    `{prefix}_work/` (shards; removed at the end unless keep_work); rerunning after an
-    interruption resumes from it. Raises corpus.InputError for unreadable inputs and
-    OutputExistsError for an existing prefix without `overwrite`, before writing anything.
+    `{prefix}_work/`; rerunning the same command after an interruption at any stage resumes
+    from it, and rerunning it after success returns the summary (`already_complete`).
+
+    Raises, before writing anything: ValueError (bad argument, unreadable tokenizer),
+    corpus.InputError (unreadable inputs), OutputExistsError (existing outputs without
+    `overwrite`, or an interrupted run with other settings or changed inputs). Raises after
+    starting, removing its work directory and leaving previous outputs untouched:
+    corpus.CorruptInputError (corruption found mid-stream), corpus.InputError (no documents,
+    empty train split, inputs changed during the run), ValueError (tokenizer training failed).
     """
     t_start = time.time()
     if isinstance(inputs, str):
@@ -267,127 +400,283 @@ def preprocess(
         raise ValueError(f"shard_mb={shard_mb}: use a positive size in MB, e.g. 16")
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type={model_type!r}: use 'bpe' or 'unigram'")
-    if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
-        raise corpus.InputError(f"tokenizer model {tokenizer_model!r} not found; pass an existing .model or omit it to train one")
-    files = corpus.check_inputs(list(inputs))
+    tok_identity = None
+    if tokenizer_model is not None:
+        if not os.path.isfile(tokenizer_model):
+            raise corpus.InputError(f"tokenizer model {tokenizer_model!r} not found; pass an existing "
+                                    ".model or omit --tokenizer-model to train one")
+        tok_identity = Tokenizer(tokenizer_model).identity  # ValueError when it is not a model
+    else:
+        if vocab_size < 300:
+            raise ValueError(f"vocab_size={vocab_size} is too small; byte fallback alone needs 259 ids, "
+                             "use --vocab-size 300 or more")
+        if tokenizer_train_mb <= 0 or input_sentence_size < 1:
+            raise ValueError("tokenizer_train_mb and input_sentence_size must be positive")
+    ignored: list = []
+    files = corpus.check_inputs(list(inputs), ignored)
+    if ignored:
+        exts = Counter(os.path.splitext(f)[1] or "(no extension)" for f in ignored)
+        print(f"mom-preprocess: note: ignoring {len(ignored)} file(s) of other kinds in the input folders "
+              f"({', '.join(f'{e}: {n}' for e, n in exts.most_common())}), e.g. {ignored[0]}", file=sys.stderr)
     paths = output_paths(output_prefix)
-    existing = _existing_outputs(paths)
-    if existing and not overwrite:
-        raise OutputExistsError(
-            f"output prefix {output_prefix!r} already has results ({existing[0]}, ...); "
-            "pass --overwrite to replace them or choose another prefix"
-        )
     settings = _Settings(
         files=[f if f.startswith("hub:") else os.path.abspath(f) for f in files],
         text_field=text_field, shard_mb=shard_mb, valid_ratio=valid_ratio, seed=seed,
         tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None,
-        vocab_size=vocab_size, model_type=model_type, tokenizer_train_mb=tokenizer_train_mb,
-        input_sentence_size=input_sentence_size,
+        tokenizer_identity=tok_identity, vocab_size=vocab_size, model_type=model_type,
+        tokenizer_train_mb=tokenizer_train_mb, input_sentence_size=input_sentence_size,
     )
+    if tokenizer_model is not None:  # training options do not change the output then
+        settings.vocab_size = settings.model_type = None
+        settings.tokenizer_train_mb = settings.input_sentence_size = None
+    state = {"settings": asdict(settings), "inputs": input_fingerprint(settings.files)}
     work = paths["work"]
-    manifest_path = os.path.join(work, "settings.json")
+    _remove_tree(work + ".trash")  # a finished run killed while deleting its work dir
+    previous = _read_json(os.path.join(work, "settings.json"))
+
+    if os.path.exists(os.path.join(work, "commit.json")):  # killed while swapping outputs in
+        if previous == state:
+            return _commit(paths, keep_work)
+        if not overwrite:
+            raise OutputExistsError(
+                f"{output_prefix!r} is half-way through replacing its outputs (a run killed at the end, "
+                f"state in {work}); rerun that run's command to finish it, or pass --overwrite to rebuild")
+    existing = _existing_outputs(paths)
+    if existing and not overwrite:
+        done = _read_json(paths["summary"])
+        if done and done.get("state_sha256") == _state_hash(state):  # the same command, rerun
+            done["already_complete"] = True
+            return done
+        raise OutputExistsError(
+            f"output prefix {output_prefix!r} already has results ({existing[0]}, ...) from other "
+            "settings or inputs; pass --overwrite to replace them or choose another prefix")
     if os.path.isdir(work):
-        try:
-            with open(manifest_path) as f:
-                previous = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        if previous != asdict(settings):
+        if previous is None or previous.get("settings") != state["settings"]:
+            if not overwrite:
+                old = (previous or {}).get("settings") or {}
+                diff = sorted(k for k in state["settings"] if old.get(k) != state["settings"][k])
+                raise OutputExistsError(
+                    f"{work} holds an interrupted run with different settings ({', '.join(diff) or 'unreadable'}); "
+                    "rerun with the same arguments to resume it, or pass --overwrite to discard it")
+            _remove_tree(work)
+        elif previous.get("inputs") != state["inputs"]:
             if not overwrite:
                 raise OutputExistsError(
-                    f"{work} holds an interrupted run with different settings or inputs; pass "
-                    "--overwrite to discard it, or rerun with the same arguments to resume it"
-                )
-            shutil.rmtree(work)
-    if overwrite:
-        for p in existing:
-            os.remove(p)
-    os.makedirs(work, exist_ok=True)
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(asdict(settings), f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
+                    f"the inputs changed since the interrupted run in {work} "
+                    f"({_describe_change(previous.get('inputs') or [], state['inputs'])}); resuming would mix "
+                    "old and new documents. Restore the inputs and rerun, or pass --overwrite to start over")
+            _remove_tree(work)
 
-    # Tokenizer: given, or trained once (a resume reuses the one in the work dir).
-    if tokenizer_model is not None:
-        model_path = tokenizer_model
-    else:
-        model_path = os.path.join(work, "tokenizer.model")
-        if not os.path.isfile(model_path):
-            cap = int(tokenizer_train_mb * 1024 * 1024)
+    made = _makedirs(work)
+    _write_json(os.path.join(work, "settings.json"), state)
+    try:
+        return _run(files, settings, state, paths, tokenizer_model, workers, progress, keep_work,
+                    existing, t_start)
+    except REJECTED:
+        _remove_tree(work)  # refused: the next, corrected command starts clean
+        for d in reversed(made):  # the output folders this run created, if still empty
+            try:
+                if os.path.isdir(d):
+                    os.rmdir(d)
+            except OSError:
+                break
+        raise
 
-            def sample_texts():
-                seen = 0
-                for _, rec in corpus.iter_records(files, text_field):
-                    if rec.text is not None:
-                        yield rec.text
-                        seen += len(rec.text)
-                        if seen >= cap:
-                            return
 
-            trained = train_tokenizer(
-                sample_texts(), os.path.join(work, "tokenizer_tmp"), vocab_size=vocab_size,
-                model_type=model_type, input_sentence_size=input_sentence_size, seed=seed,
-            )
-            os.replace(trained, model_path)
+def _state_hash(state: dict) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _makedirs(path: str) -> list[str]:
+    """os.makedirs, returning the directories it created (outermost first)."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.isdir(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return made[::-1]
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a work directory so that a kill half-way leaves no half-deleted one behind."""
+    if os.path.isdir(path):
+        trash = path if path.endswith(".trash") else path + ".trash"
+        if trash != path:
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(path, trash)
+        shutil.rmtree(trash)
+
+
+def _no_documents(records: int, skipped: Counter, examples: list, text_field: str, what: str):
+    if not records:
+        return corpus.InputError(f"the inputs hold no records, so there is nothing to {what}; check the input paths")
+    reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common())
+    hint = (f"check --text-field (now {text_field!r})" if skipped.most_common(1)[0][0] == corpus.SKIP_FIELD
+            else "check the inputs")
+    first = f"; first at {examples[0]['where']}" if examples else ""
+    return corpus.InputError(f"no usable documents to {what}: all {records} records were skipped ({reasons}"
+                             f"{first}); {hint}")
+
+
+def _train(files, settings: _Settings, work: str) -> str:
+    """Train the tokenizer once; a resumed run reuses work/tokenizer.model."""
+    model_path = os.path.join(work, "tokenizer.model")
+    if os.path.isfile(model_path):
+        return model_path
+    cap = int(settings.tokenizer_train_mb * 1024 * 1024)
+    seen = Counter()
+    skipped, examples = Counter(), []
+
+    def sample_texts():
+        for _, rec in corpus.iter_records(files, settings.text_field):
+            seen["records"] += 1
+            if rec.text is None:
+                skipped[rec.skip] += 1
+                if len(examples) < _MAX_SKIP_EXAMPLES:
+                    examples.append({"where": rec.where, "reason": rec.skip})
+                continue
+            seen["docs"] += 1
+            yield rec.text
+            seen["bytes"] += len(rec.text)
+            if seen["bytes"] >= cap:
+                return
+
+    texts = sample_texts()
+    try:  # look at the first document before SentencePiece does, to name an empty corpus
+        first = next(texts)
+    except StopIteration:
+        raise _no_documents(seen["records"], skipped, examples, settings.text_field,
+                            "train a tokenizer on") from None
+
+    def chained():
+        yield first
+        yield from texts
+
+    trained = train_tokenizer(
+        chained(), os.path.join(work, "tokenizer_tmp"), vocab_size=settings.vocab_size,
+        model_type=settings.model_type, input_sentence_size=settings.input_sentence_size, seed=settings.seed,
+    )
+    os.replace(trained, model_path)
+    return model_path
+
+
+def _run(files, settings, state, paths, tokenizer_model, workers, progress, keep_work, existing, t_start):
+    work = paths["work"]
+    model_path = tokenizer_model if tokenizer_model is not None else _train(files, settings, work)
     tok = Tokenizer(model_path)
 
     stats = Counter()
     _run_shards(files, settings, work, model_path, workers, progress, stats)
 
-    # Merge: every shard must be done (a crash between shards leaves holes a rerun fills).
+    # Every shard is done here (a crash between shards leaves holes a rerun fills).
     n_shards = stats["shards"]
-    metas = []
-    for k in range(n_shards):
-        with open(os.path.join(work, f"shard_{k:06d}.json")) as f:
-            metas.append(json.load(f))
-    dtype = token_dtype(tok.vocab_size)
+    metas = [_read_json(os.path.join(work, f"shard_{k:06d}.json")) for k in range(n_shards)]
     skipped, examples = Counter(), []
     for m in metas:
         skipped.update(m["skipped"])
         examples.extend(m["skip_examples"])
+    counts = {s: sum(m[f"{s}_documents"] for m in metas) for s in SPLITS}
+    records = sum(m["records"] for m in metas)
+    if counts["train"] + counts["valid"] == 0:
+        raise _no_documents(records, skipped, examples, settings.text_field, "tokenize")
+    if counts["train"] == 0:
+        raise corpus.InputError(
+            f"the train split would be empty: all {counts['valid']} document(s) went to validation "
+            f"(--valid-ratio {settings.valid_ratio}; document 0 always does); add documents or pass "
+            "--valid-ratio 0 (no validation files)")
+    if input_fingerprint(settings.files) != state["inputs"]:
+        raise corpus.InputError(
+            f"the inputs changed while this run read them ({_describe_change(state['inputs'], input_fingerprint(settings.files))}); "
+            "rerun when they are stable")
     max_id = max([m["max_token_id"] for m in metas] + [-1])
     if max_id >= tok.vocab_size:
         raise RuntimeError(f"token id {max_id} >= vocab size {tok.vocab_size}: tokenizer bug")
+    _test_die("merge")
+
+    # Merge into work/out/ under the final names; nothing under the prefix changes yet.
+    out = os.path.join(work, "out")
+    os.makedirs(out, exist_ok=True)
+    staged = lambda p: os.path.join(out, os.path.basename(p))  # noqa: E731
+    dtype = token_dtype(tok.vocab_size)
     if tokenizer_model is None:
-        shutil.copyfile(model_path, paths["tokenizer"])
+        shutil.copyfile(model_path, staged(paths["tokenizer"]))
         tok_rel = os.path.basename(paths["tokenizer"])
     else:
-        tok_rel = os.path.relpath(os.path.abspath(tokenizer_model), os.path.dirname(os.path.abspath(output_prefix)))
-    result = {}
+        tok_rel = os.path.relpath(os.path.abspath(tokenizer_model), os.path.dirname(os.path.abspath(paths["train"])))
+    result, new_files = {}, []
     for s in SPLITS:
+        if counts[s] == 0:  # only valid, only with valid_ratio=0: no file rather than an empty one
+            result[s] = None
+            continue
         shard_paths = [os.path.join(work, f"shard_{k:06d}.{s}") for k in range(n_shards)]
-        result[s] = merge_shards(shard_paths, paths[s], dtype)
-        write_meta(paths[s], {
-            "vocab_size": tok.vocab_size, "eod": tok.eod, "dtype": np.dtype(dtype).name,
-            "tokenizer_sha256": tok.sha256, "tokenizer_model": tok_rel,
+        result[s] = merge_shards(shard_paths, staged(paths[s]), dtype)
+        write_meta(staged(paths[s]), {
+            "vocab_size": tok.vocab_size, "eod": tok.eod, "eod_terminated": True, "dtype": np.dtype(dtype).name,
+            "tokenizer_identity": tok.identity, "tokenizer_sha256": tok.sha256, "tokenizer_model": tok_rel,
             "max_token_id": max_id, "documents": result[s]["documents"], "tokens": result[s]["tokens"],
+            "bin_sha256": result[s]["bin_sha256"],
         })
+        new_files += [paths[s] + ext for ext in (".bin", ".idx", ".meta.json")]
+    if tokenizer_model is None:
+        new_files.append(paths["tokenizer"])
     summary = {
         "inputs": settings.files,
-        "records_read": sum(m["records"] for m in metas),
-        "documents": result["train"]["documents"] + result["valid"]["documents"],
-        "tokens": result["train"]["tokens"] + result["valid"]["tokens"],
+        "records_read": records,
+        "documents": counts["train"] + counts["valid"],
+        "tokens": sum(r["tokens"] for r in result.values() if r),
         "train": result["train"],
         "valid": result["valid"],
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": sum(skipped.values()),
         "skipped_examples": examples[:_MAX_SKIP_EXAMPLES],
         "tokenizer": {"model": paths["tokenizer"] if tokenizer_model is None else tokenizer_model,
-                      "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                      "trained": tokenizer_model is None},
+                      "identity": tok.identity, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "eod": tok.eod, "trained": tokenizer_model is None},
         "dtype": np.dtype(dtype).name,
         "max_token_id": max_id,
         "shards": n_shards,
         "resumed_shards": stats["resumed_shards"],
         "workers": workers,
-        "valid_ratio": valid_ratio,
-        "seed": seed,
+        "valid_ratio": settings.valid_ratio,
+        "seed": settings.seed,
         "wall_time_s": round(time.time() - t_start, 3),
-        "outputs": {s: paths[s] for s in SPLITS},
+        "outputs": {s: (paths[s] if result[s] else None) for s in SPLITS},
+        "state_sha256": _state_hash(state),
     }
-    with open(paths["summary"] + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(paths["summary"] + ".tmp", paths["summary"])
-    if not keep_work:
-        shutil.rmtree(work)
+    _write_json(staged(paths["summary"]), summary)
+    new_files.append(paths["summary"])  # last: its presence under the prefix means "complete"
+    keep = set(new_files) | {os.path.abspath(tokenizer_model)} if tokenizer_model else set(new_files)
+    stale = [p for p in _all_outputs(paths) if p not in keep and os.path.abspath(p) not in keep
+             and os.path.exists(p)]
+    _write_json(os.path.join(work, "commit.json"), {"files": new_files, "stale": stale})
+    return _commit(paths, keep_work)
+
+
+def _commit(paths: dict, keep_work: bool) -> dict:
+    """Swap the staged outputs in (os.replace each: old files are replaced, never deleted first),
+    then remove outputs the new run does not have. Idempotent, so a rerun after a kill here
+    finishes the job."""
+    work = paths["work"]
+    plan = _read_json(os.path.join(work, "commit.json"))
+    out = os.path.join(work, "out")
+    for i, dest in enumerate(plan["files"]):
+        src = os.path.join(out, os.path.basename(dest))
+        if os.path.exists(src):
+            os.replace(src, dest)
+        if i == 0:
+            _test_die("swap")
+    for p in plan["stale"]:
+        if os.path.exists(p):
+            os.remove(p)
+    summary = _read_json(paths["summary"])
+    if keep_work:
+        os.remove(os.path.join(work, "commit.json"))
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        _remove_tree(work)
     return summary
+
+
+def _test_die(stage: str) -> None:
+    if os.environ.get(_DIE_ENV) == stage:
+        os._exit(9)

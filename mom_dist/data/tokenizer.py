@@ -3,6 +3,12 @@
 `Tokenizer` is what megatron-core's GPTDataset and our trainer need: `vocab_size`, `eod`,
 `encode`, `decode`, and `unique_identifiers` (megatron hashes it into its index-cache names).
 
+A tokenizer's identity (`Tokenizer.identity`, `model_identity`) is a hash of what decides how
+text becomes ids: the pieces with their scores and types, the normalizer and denormalizer specs,
+and the trainer options the encoder reads (model type, byte fallback, splitting rules). Not the
+file bytes: SentencePiece stores `model_prefix`, input paths and other training-only options in
+the `.model`, so identical vocabularies trained under different names have different sha256.
+
 Training settings and why:
 - BPE with byte fallback: any byte sequence is encodable, nothing maps to <unk>.
 - identity normalisation, no whitespace squeezing, "\\n" as a user-defined piece: decode(encode(t))
@@ -31,6 +37,33 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+# TrainerSpec fields SentencePiece's encoder reads; every other field only steers training.
+_ENCODING_TRAINER_FIELDS = (
+    "model_type", "byte_fallback", "split_by_unicode_script", "split_by_number",
+    "split_by_whitespace", "split_digits", "treat_whitespace_as_suffix",
+    "allow_whitespace_only_pieces", "unk_surface",
+)
+
+
+def model_identity(serialized: bytes) -> str:
+    """sha256 of the encoding-relevant parts of a serialized SentencePiece ModelProto."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(serialized)
+    h = hashlib.sha256()
+    for piece in m.pieces:
+        h.update(piece.SerializeToString(deterministic=True))
+        h.update(b"\x00")
+    h.update(m.normalizer_spec.SerializeToString(deterministic=True))
+    h.update(b"\x01")
+    h.update(m.denormalizer_spec.SerializeToString(deterministic=True))
+    h.update(b"\x02")
+    for name in _ENCODING_TRAINER_FIELDS:
+        h.update(f"{name}={getattr(m.trainer_spec, name)!r};".encode())
+    return h.hexdigest()
+
+
 class Tokenizer:
     """A SentencePiece model with an end-of-document id. Picklable (reloads from `path`)."""
 
@@ -43,15 +76,22 @@ class Tokenizer:
                 "mom-preprocess (next to the output prefix) or your own SentencePiece model"
             )
         self.path = model_path
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as err:
+            raise ValueError(
+                f"tokenizer model {model_path!r} is not a readable SentencePiece model ({err}); "
+                "pass the .model written by mom-preprocess or spm_train, or omit it to train one"
+            ) from None
         self.vocab_size = int(self._sp.vocab_size())
         eod = self._sp.piece_to_id(EOD_PIECE)
         if self._sp.id_to_piece(eod) != EOD_PIECE:  # not in vocab: fall back to </s>, then the last id
             eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else self.vocab_size - 1
         self.eod = int(eod)
         self.sha256 = file_sha256(model_path)
+        self.identity = model_identity(self._sp.serialized_model_proto())
         # megatron-core hashes these into the names of its cached sample indices.
-        self.unique_identifiers = {"class": "mom_dist.SentencePiece", "sha256": self.sha256}
+        self.unique_identifiers = {"class": "mom_dist.SentencePiece", "identity": self.identity}
 
     def __getstate__(self):
         return {"path": self.path}
@@ -112,17 +152,25 @@ def train_tokenizer(
         raise ValueError(f"vocab_size={vocab_size} is too small; byte fallback alone needs 259 ids, use >= 300")
     spm.set_random_generator_seed(seed)
 
+    raised = []  # SentencePiece turns an exception in the iterator into RuntimeError: keep ours
+
     def lines():
-        for text in texts:
-            yield from training_lines(text)
+        try:
+            for text in texts:
+                yield from training_lines(text)
+        except Exception as err:
+            raised.append(err)
+            raise
 
     try:
         _train(spm, lines(), model_prefix, vocab_size, model_type, input_sentence_size, num_threads)
     except RuntimeError as err:
+        if raised:
+            raise raised[0] from None
         if "required_chars" in str(err) or "Vocabulary size" in str(err):
             raise ValueError(f"vocab_size={vocab_size} is too small for this corpus's characters "
                              f"({err}); raise --vocab-size") from err
-        raise
+        raise ValueError(f"SentencePiece could not train a tokenizer on these inputs ({err})") from err
     return model_prefix + ".model"
 
 

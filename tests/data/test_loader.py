@@ -147,3 +147,6 @@ def test_config_validation():
         DataConfig(train_prefixes=["a.bin"])
     with pytest.raises(ValueError, match="train_prefixes"):
         DataConfig(train_prefixes=[])
+    with pytest.raises(ValueError, match="set together with valid_prefixes"):  # one validation story
+        DataConfig(train_prefixes=["a"], valid_prefixes=["b"], split="90,10,0")
+    assert DataConfig(train_prefixes=["a"]).resolved_split() == "969,30,1"

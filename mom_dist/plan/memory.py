@@ -10,7 +10,8 @@ alignment padding) against a live engine in ``tests/plan/test_plan_measured.py``
 - ZeRO 1/2: an fp32 master partition (4 bytes) and the two AdamW states (8 bytes) of
   P_n / DP + (P_m / EP) / EDP parameters (DP = world, EDP = world / EP).
 
-Gradients and activations are estimates (see ``gradient_bytes`` and ``activation_bytes``).
+Gradients and activations are estimates (see ``gradient_bytes``, ``activation_bytes`` and
+``logits_bytes``).
 """
 
 from __future__ import annotations
@@ -111,10 +112,18 @@ def activation_bytes(m: ModelConfig, micro_batch: int, seq_len: int, precision: 
     return elems * a + fp32
 
 
+def logits_bytes(m: ModelConfig, micro_batch: int, seq_len: int, precision: str) -> float:
+    """Logits the model output holds through backward (T x V at activation width) and the
+    fp32 gradient of the log-softmax backward allocates (2 x T x V x 4): on top of the saved
+    tensors at the start of backward, the largest moment for big vocabularies."""
+    return micro_batch * seq_len * m.vocab_size * (width(precision) + 8)
+
+
 def layout_memory(counts: ParamCounts, m: ModelConfig, *, ep: int, zero: int, world: int, precision: str,
                   micro_batch: int, seq_len: int, checkpointing: bool, skip_attn: float = 0.0,
                   skip_ffn: float = 0.0) -> Memory:
     ps = param_state_bytes(counts, ep, zero, world, precision)
     return Memory(params=ps["params"], grads=gradient_bytes(counts, ep, zero, world, precision),
                   optimizer=ps["master"] + ps["states"],
-                  activations=activation_bytes(m, micro_batch, seq_len, precision, checkpointing, skip_attn, skip_ffn))
+                  activations=activation_bytes(m, micro_batch, seq_len, precision, checkpointing, skip_attn, skip_ffn)
+                  + logits_bytes(m, micro_batch, seq_len, precision))

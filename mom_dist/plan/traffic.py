@@ -1,7 +1,9 @@
 """All-to-all bytes of expert parallelism, under uniform routing or a run's measured routing.
 
 Byte accounting follows ``mom_dist.parallel.all_to_all`` exactly. Per source rank and plan
-(one plan per attention sub-layer, reused by its output projection; one per FFN):
+(one plan per attention sub-layer, reused by its output projection; one per FFN), counting
+its tokens' trips out and their results' trips back (sent by the expert ranks), so that the
+mean over ranks is what one rank sends:
 
 - dropless: U = distinct (token, remote EP rank) pairs, Wp = picks of modules on remote
   ranks (SKIP never travels). Payload elements: attention U x 6d (x out, mixed QKV back,
@@ -13,7 +15,8 @@ Byte accounting follows ``mom_dist.parallel.all_to_all`` exactly. Per source ran
   ceil(cf x T x K / N)), attention 6d and FFN 2d elements per row, plus a 1-byte valid mask
   per row, whatever the routing.
 
-``plan_bytes`` is exact given (U, Wp) and is tested equal to the dispatcher's measured bytes.
+``plan_bytes`` is exact given (U, Wp): summed over ranks it equals the dispatcher's measured
+bytes (``tests/plan/test_plan_measured.py``).
 ``RoutingProfile`` estimates U and Wp from per-module pick shares (uniform, or the load
 histograms of a run's ``metrics.jsonl``), assuming a token's EP rank is independent of its
 picks and, for K > 1, that its picks fall on ranks independently.

@@ -13,6 +13,7 @@ DeepSpeed config and all-to-alls block the forward).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 from mom_dist.config import Config, accumulation_steps, check_world
@@ -40,7 +41,8 @@ class Assumptions:
             "share of the picks (EP load imbalance)",
             f"links: {self.bw_efficiency:.0%} of {cluster.intra_node_gbps:g} Gbit/s inside a node and "
             f"{cluster.inter_node_gbps:g} Gbit/s per GPU across nodes; {self.a2a_latency_us:g} us per all_to_all "
-            "call; EP groups are consecutive ranks (DeepSpeed), so an EP group spans nodes only when EP > GPUs per node",
+            "call; EP groups are consecutive ranks (DeepSpeed): the rank with the most EP peers on other nodes sets "
+            "the pace",
             "gradients: ring all-reduce volume 2 (n-1)/n per parameter byte (ZeRO 1/2's reduce-scatter + all-gather "
             "move the same); non-module over the world, module over EDP = world / EP; once per optimizer step",
             "nothing overlaps: step time = compute + all-to-all + gradient communication",
@@ -117,6 +119,19 @@ def _micro_batches(cfg: Config, world: int) -> list[int]:
     return sorted(out)
 
 
+@functools.lru_cache(maxsize=None)
+def ep_inter_node_share(ep: int, world: int, gpus_per_node: int) -> float:
+    """Largest share of a rank's EP peers on other nodes, over all ranks (the slowest rank sets
+    the pace). EP groups are consecutive ranks (DeepSpeed), so a group crosses a node boundary
+    when EP > GPUs per node or GPUs per node is not a multiple of EP."""
+    worst = 0.0
+    for rank in range(world):
+        first = rank - rank % ep
+        other = sum(1 for peer in range(first, first + ep) if peer // gpus_per_node != rank // gpus_per_node)
+        worst = max(worst, other / (ep - 1))
+    return worst
+
+
 def _link_time(nbytes: float, spans_nodes: bool, inter_share: float, cluster: ClusterConfig, a: Assumptions) -> float:
     intra = cluster.intra_node_gbps * 1e9 / 8 * a.bw_efficiency
     inter = cluster.inter_node_gbps * 1e9 / 8 * a.bw_efficiency
@@ -178,8 +193,8 @@ def _estimate(cfg, cluster, a, counts, profile, ep, zero, mb, ga, ac, usable, pe
     a2a_step = ga * (2 * per_mb.payload + per_mb.control)
     a2a_s = 0.0
     if ep > 1:
-        spans = ep > gpn
-        inter_share = (ep - gpn) / (ep - 1) if spans else 0.0
+        inter_share = ep_inter_node_share(ep, world, gpn)
+        spans = inter_share > 0
         calls = ga * m.n_chunks * m.n_steps * sum(A2A_CALLS_PER_STEP.values())
         a2a_s = _link_time(a2a_step * imb, spans, inter_share, cluster, a) + calls * a.a2a_latency_us * 1e-6
     # gradients: non-module over the world, module slices over EDP, once per step

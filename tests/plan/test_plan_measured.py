@@ -37,12 +37,13 @@ def run(fn: str, args: dict, tmp_path) -> list[dict]:
         raise AssertionError(str(e)) from None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_memory_matches_deepspeed_engine(precision, tmp_path):
-    """Parameters, fp32 master and AdamW states per rank, EP 1/2/4 x ZeRO 0/1/2, world 4."""
-    res = run("memory", dict(model=bench.SMALL, eps=[1, 2, 4], zeros=[0, 1, 2], precision=precision), tmp_path)
+@pytest.mark.parametrize("precision,eps,zeros", [("fp32", [1, 2, 4], [0, 1, 2]), ("bf16", [1, 4], [0, 1])])
+def test_memory_matches_deepspeed_engine(precision, eps, zeros, tmp_path):
+    """Parameters, fp32 master and AdamW states per rank, EP x ZeRO layouts of world 4 (the
+    benchmark's; bf16 on fewer layouts to save time: its formula differs only in ZeRO 0's master)."""
+    res = run("memory", dict(model=bench.SMALL, eps=eps, zeros=zeros, precision=precision), tmp_path)
     counts = param_counts(model_config(bench.SMALL, 1, 1))
-    assert len(res[0]) == 9
+    assert len(res[0]) == len(eps) * len(zeros)
     for key, r0 in res[0].items():
         assert (counts.total, counts.module) == (r0["p_total"], r0["p_module"])
         pred = param_state_bytes(counts, r0["ep"], r0["zero"], WORLD, precision)

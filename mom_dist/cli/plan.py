@@ -49,11 +49,20 @@ def main(argv=None) -> int:
         print(f"mom-plan: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return BAD_INPUT
     if not plan.layouts:
-        reasons = "; ".join(f"{k}: {v}" for k, v in plan.rejected.items())
-        print(f"mom-plan: error: no valid layout on {cluster.world} GPUs ({reasons})", file=sys.stderr)
+        print(f"mom-plan: error: {no_layout_message(cfg, cluster.world, plan.rejected)}", file=sys.stderr)
         return BAD_INPUT
     print(render(plan, os.path.basename(args.config), markdown=args.markdown, limit=args.limit or None))
     return FINISHED
+
+
+def no_layout_message(cfg, world: int, rejected: dict) -> str:
+    gb = cfg.train.global_batch_size
+    if "global batch not a multiple of micro-batch x world" in rejected:
+        options = sorted({max(world, gb // world * world), -(-gb // world) * world})
+        return (f"no valid layout on {world} GPUs: train.global_batch_size={gb} is not a multiple of the "
+                f"{world} GPUs' micro-batches; plan with --set train.global_batch_size="
+                f"{' or '.join(map(str, options))} (or another multiple of {world})")
+    return f"no valid layout on {world} GPUs: " + "; ".join(rejected.values())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from mom_dist.config import check_world, load_config
 from mom_dist.model import ModelConfig, MoMModel, RouterConfig
 from mom_dist.parallel.deepspeed_engine import build_ds_config
 from mom_dist.parallel.dims import ParallelDims
-from mom_dist.plan import ClusterConfig, plan_layouts
+from mom_dist.plan import ClusterConfig, load_cluster, plan_layouts
 from mom_dist.plan.memory import activation_bytes
 from mom_dist.plan.model_size import param_counts
 from mom_dist.plan.traffic import RoutingProfile, StepShares, a2a_bytes_per_microbatch
@@ -134,8 +134,10 @@ def test_cli_table(capsys):
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=os.path.basename)
 def test_shipped_clusters_plan_every_preset(path, capsys):
+    world = load_cluster(path).world
     for config in ("mom-small.yaml", "mom-medium.yaml", "mom-large.yaml"):
-        assert main([os.path.join(ROOT, "configs", config), "--cluster", path, "--limit", "1"]) == 0
+        assert main([os.path.join(ROOT, "configs", config), "--cluster", path, "--limit", "1",
+                     "--set", f"train.global_batch_size={world * 4}"]) == 0
     assert "recommended: parallel.ep_size" in capsys.readouterr().out
 
 
@@ -159,7 +161,10 @@ ERRORS = [
     ("nodes: 1\ninter_node_gbps: fast\n", [], "cluster.inter_node_gbps='fast' must be a number"),
     ("nodes: [1\n", [], "is not valid YAML"),
     ("- 1\n- 2\n", [], "must hold a mapping"),
-    (None, ["--set", "train.global_batch_size=4"], "no valid layout on 8 GPUs"),
+    (None, ["--set", "train.global_batch_size=4"], "no valid layout on 8 GPUs: train.global_batch_size=4 is not a "
+                                                   "multiple of the 8 GPUs' micro-batches; plan with --set "
+                                                   "train.global_batch_size=8 (or another multiple of 8)"),
+    (None, ["--set", "train.global_batch_size=20"], "train.global_batch_size=16 or 24"),
     (None, ["--set", "parallel.zero_stage=3"], "parallel.zero_stage=3 is not supported"),
     (None, ["--mfu", "1.5"], "--mfu 1.5 must be in (0, 1]"),
 ]

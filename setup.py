@@ -22,5 +22,6 @@ setup(
         "mom-preprocess = mom_dist.cli.preprocess:main",
         "mom-convert = mom_dist.cli.convert:main",
         "mom-eval = mom_dist.cli.evaluate:main",
+        "mom-plan = mom_dist.cli.plan:main",
     ]},
 )

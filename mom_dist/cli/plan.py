@@ -2,7 +2,7 @@
 memory, all-to-all traffic and step time, and the layout to use.
 
     mom-plan CONFIG --cluster CLUSTER.yaml [--routing RUN_DIR] [--set section.key=value]
-             [--mfu 0.35] [--limit N] [--markdown]
+             [--mfu 0.35] [--limit N] [--ep N] [--markdown]
 
 CONFIG is a training config (configs/*.yaml); CLUSTER a cluster description (see
 configs/clusters/). ``--routing RUN_DIR`` uses the module loads measured in that run's
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
                     help="config override, e.g. train.global_batch_size=1024 (repeatable)")
     ap.add_argument("--mfu", type=float, default=0.35, help="assumed share of peak FLOP/s reached (default 0.35)")
     ap.add_argument("--limit", type=int, default=None, help="show the N fastest layouts (0: all; default all)")
+    ap.add_argument("--ep", type=int, default=None, help="list only layouts with this ep_size (the recommendation "
+                    "still considers all)")
     ap.add_argument("--markdown", action="store_true", help="markdown table (for docs)")
     args = ap.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     if not plan.layouts:
         print(f"mom-plan: error: {no_layout_message(cfg, cluster.world, plan.rejected)}", file=sys.stderr)
         return BAD_INPUT
-    print(render(plan, os.path.basename(args.config), markdown=args.markdown, limit=args.limit or None))
+    print(render(plan, os.path.basename(args.config), markdown=args.markdown, limit=args.limit or None, ep=args.ep))
     return FINISHED
 
 

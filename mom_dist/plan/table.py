@@ -42,14 +42,16 @@ def recommendation(plan: Plan) -> str:
                 "checkpointing or a smaller model")
     return (f"recommended: parallel.ep_size={best.ep} parallel.zero_stage={best.zero} "
             f"train.micro_batch_size={best.micro_batch} model.activation_checkpointing="
-            f"{'true' if best.checkpointing else 'false'} ({best.accumulation} micro-batches per step, "
+            f"{'true' if best.checkpointing else 'false'} (accumulation {best.accumulation}, "
             f"{best.memory.total / GIB:.1f} GiB per GPU, {best.step_s:.3f} s per step, "
             f"{plan.tokens_per_s(best):,.0f} tokens/s)")
 
 
-def render(plan: Plan, config_name: str, *, markdown: bool = False, limit: int | None = None) -> str:
+def render(plan: Plan, config_name: str, *, markdown: bool = False, limit: int | None = None,
+           ep: int | None = None) -> str:
     best = plan.recommended
-    shown = plan.layouts if limit is None else plan.layouts[:limit]
+    listed = [lay for lay in plan.layouts if ep is None or lay.ep == ep]
+    shown = listed if limit is None else listed[:limit]
     if best is not None and best not in shown:
         shown = [best] + shown
     rows = [row(plan, lay, lay is best) for lay in shown]
@@ -66,8 +68,9 @@ def render(plan: Plan, config_name: str, *, markdown: bool = False, limit: int |
                                       for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
         lines.append(fmt(COLUMNS))
         lines += [fmt(r) for r in rows]
-    if len(shown) < len(plan.layouts):
-        lines.append(f"({len(plan.layouts) - len(shown)} more layouts not shown; --limit 0 shows all)")
+    hidden = len(plan.layouts) - len(set(map(id, shown)))
+    if hidden:
+        lines.append(f"({hidden} more layouts not shown; --limit 0 shows all)")
     lines += ["", recommendation(plan), "", "assumptions:"]
     lines += [f"{'-' if markdown else ' -'} {x}" for x in plan.assumptions.lines(plan.cluster, plan.profile)]
     lines += [f"{'-' if markdown else ' -'} checked against measured runs (tests/plan): parameter counts, "

@@ -71,6 +71,26 @@ def summary(limit: int) -> str:
     return "\n".join(rows) + "\n\n" + "\n\n".join(details)
 
 
+def per_ep(name: str, cluster_name: str, overrides: list[str]) -> str:
+    """The fastest fitting layout for each EP: where expert parallelism stays inside a node."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), overrides)
+    cluster = load_cluster(os.path.join(ROOT, "configs", "clusters", f"{cluster_name}.yaml"))
+    plan = plan_layouts(cfg, cluster)
+    rows = [f"`mom-plan configs/{name}.yaml --cluster configs/clusters/{cluster_name}.yaml "
+            + " ".join(f"--set {o}" for o in overrides) + " --ep N`: the fastest layout that fits, per EP\n",
+            "| EP | ZeRO | micro | AC | params GiB | total GiB | a2a MiB/step | grad MiB/step | compute s | a2a s | "
+            "grad s | step s | tokens/s |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ep in sorted({lay.ep for lay in plan.layouts}):
+        lay = next(x for x in plan.layouts if x.ep == ep and x.fits)
+        rows.append(f"| {ep} | {lay.zero} | {lay.micro_batch} | {'on' if lay.checkpointing else 'off'} | "
+                    f"{lay.memory.params / GIB:.2f} | {lay.memory.total / GIB:.1f} | {lay.a2a_bytes_step / MIB:,.0f} | "
+                    f"{lay.grad_bytes_step / MIB:,.0f} | {lay.compute_s:.3f} | {lay.a2a_s:.3f} | {lay.grad_s:.3f} | "
+                    f"{lay.step_s:.3f} | {plan.tokens_per_s(lay):,.0f} |")
+    best = plan.recommended
+    rows.append(f"\nRecommended: EP {best.ep}, ZeRO {best.zero}, micro-batch {best.micro_batch}.")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=12, help="layouts shown in each detailed table")
@@ -80,6 +100,11 @@ def main() -> None:
           "multiple of 4 x world at or above 480. 'fastest EP>1 layout' is the best layout with expert "
           "parallelism, for comparison.\n")
     print(summary(args.limit))
+    print("\n## Pools of 16 modules: expert parallelism inside a node\n")
+    print("The presets' 9 and 15 modules keep EP groups off power-of-two nodes. With 16 attention and 16 FFN "
+          "modules per chunk (mom-large otherwise), EP 2, 4 and 8 stay inside an 8-GPU node and "
+          "EP 16+ crosses nodes:\n")
+    print(per_ep("mom-large", "h100-8x8", ["model.n_attn_modules=16", "model.n_ffn_modules=16"]))
 
 
 if __name__ == "__main__":

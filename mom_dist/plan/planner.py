@@ -146,7 +146,7 @@ def plan_layouts(cfg: Config, cluster: ClusterConfig, profile: RoutingProfile | 
     m, t = cfg.model, cfg.train
     profile = profile or RoutingProfile.uniform(m)
     counts = param_counts(m)
-    world, gpn = cluster.world, cluster.gpus_per_node
+    world = cluster.world
     usable = a.usable_memory * cluster.memory_bytes - a.reserve_gb * 2 ** 30
     peak = cluster.peak_bf16_tflops * 1e12 * (1.0 if t.precision == "bf16" else 0.5)  # fp32 via TF32 at half rate
     skip_a, skip_f = profile.skip_rate("attn"), profile.skip_rate("ffn")

@@ -19,13 +19,12 @@ mean over ranks is what one rank sends:
 bytes (``tests/plan/test_plan_measured.py``).
 ``RoutingProfile`` estimates U and Wp from per-module pick shares (uniform, or the load
 histograms of a run's ``metrics.jsonl``), assuming a token's EP rank is independent of its
-picks and, for K > 1, that its picks fall on ranks independently.
+picks and, for K > 1, that its K distinct picks are drawn from the shares without replacement.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -75,19 +74,25 @@ class StepShares:
         n_local = len(self.modules) // ep
         return [sum(self.modules[r * n_local:(r + 1) * n_local]) for r in range(ep)]
 
-    def u_wp(self, tokens: int, top_k: int, ep: int) -> tuple[float, float]:
-        """Expected (U, Wp) per source rank for ``tokens`` tokens."""
+    def u_wp(self, tokens: int, top_k: int, ep: int, n_choices: int | None = None) -> tuple[float, float]:
+        """Expected (U, Wp) per source rank for ``tokens`` tokens.
+
+        A token's K picks are distinct classes among ``n_choices`` (modules + SKIP classes the
+        router may pick). Rank r, holding a share Q_r of the picks, gets none of a token's K
+        picks with probability prod_k (1 - Q_r - k/n) / (1 - k/n), drawing without
+        replacement: exact for uniform routing, an approximation otherwise.
+        """
         remote = (ep - 1) / ep  # a rank's own modules are 1/EP of every pick's destinations
         wp = tokens * top_k * (1.0 - self.skip) * remote
         if top_k == 1:
             return wp, wp
-        n = len(self.modules)
-        shares = self.rank_shares(ep)
-        if max(self.modules) - min(self.modules) < 1e-12 and self.skip == 0:  # uniform: exact
-            hit = 1.0 - math.comb(n - n // ep, top_k) / math.comb(n, top_k) if top_k <= n else 1.0
-            reach = ep * hit
-        else:
-            reach = sum(1.0 - (1.0 - q) ** top_k for q in shares)
+        n = n_choices or len(self.modules)
+        reach = 0.0
+        for q in self.rank_shares(ep):
+            miss = 1.0
+            for k in range(top_k):
+                miss *= max(0.0, 1.0 - q - k / n) / (1.0 - k / n) if k < n else 0.0
+            reach += 1.0 - miss
         return tokens * reach * remote, wp
 
     def imbalance(self, ep: int) -> float:
@@ -139,7 +144,8 @@ def a2a_bytes_per_microbatch(m: ModelConfig, profile: RoutingProfile, *, tokens:
                 b = capacity_plan_bytes(pool, tokens=tokens, top_k=router.top_k, d=m.d_model, ep=ep,
                                         n_modules=n_modules, capacity_factor=capacity_factor, act_bytes=act)
             else:
-                u, wp = s.u_wp(tokens, router.top_k, ep)
+                skip_classes = m.n_classes - n_modules if router.allow_skip else 0
+                u, wp = s.u_wp(tokens, router.top_k, ep, n_modules + (skip_classes if s.skip > 0 else 0))
                 b = plan_bytes(pool, u=u, wp=wp, d=m.d_model, ep=ep, n_modules=n_modules, act_bytes=act,
                                qkv_weighted=m.qkv_weighted)
             total.payload += scale * b.payload

@@ -78,12 +78,14 @@ def test_all_to_all_bytes_match_dispatcher(tmp_path):
             pred_payload += sum(p.payload for p in pred)
             # control (split counts, pair metadata, valid masks) leaves each rank as predicted
             assert sum(p.control for p in pred) == r["wire_fwd_control"], (name, pred, r["wire_fwd_control"])
-            assert r["wire_bwd_payload"] == r["wire_fwd_payload"] and r["wire_bwd_control"] == 0, (name, r)
+            assert r["wire_bwd_control"] == 0, (name, r)  # backward re-sends payload only
         # Payload: a rank sends its tokens out and other ranks' results back, so only the total
         # over ranks equals the sum of the senders' U x row + Wp (the planner's per-rank figure is
         # that total / world, the mean).
         sent = sum(r["bytes_sent"] for r in per_rank)
         assert pred_payload == sent == sum(r["wire_fwd_payload"] for r in per_rank), (name, pred_payload, sent)
+        # backward: the reverse all-to-alls move the same payload again (per rank the directions swap)
+        assert sum(r["wire_bwd_payload"] for r in per_rank) == sent, name
         if "cf" in case:
             continue
         # Estimate from the routing telemetry the trainer writes (all ranks' loads, summed).
@@ -96,10 +98,11 @@ def test_all_to_all_bytes_match_dispatcher(tmp_path):
         est = a2a_bytes_per_microbatch(mcfg, profile, tokens=per_rank[0]["tokens"], ep=ep, precision="fp32")
         measured = sum(r["bytes_sent"] for r in per_rank) / WORLD
         deviations[name] = est.payload / measured - 1
-    print("telemetry estimate / measured - 1:", {k: f"{v:+.3f}" for k, v in deviations.items()})
+    report = {k: f"{v:+.4f}" for k, v in deviations.items()}
+    print("telemetry estimate / measured - 1:", report)
     # K=1: exact in expectation (only the source rank's share of each module is assumed);
-    # K=2 also assumes a token's two picks land on ranks independently.
-    assert all(abs(v) < 0.10 for v in deviations.values()), deviations
+    # K=2 also approximates how a token's two distinct picks spread over ranks.
+    assert all(abs(v) < 0.10 for v in deviations.values()), report
 
 
 def test_benchmark_train_config_is_the_planner_input():

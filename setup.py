@@ -28,5 +28,6 @@ setup(
         "mom-eval = mom_dist.cli.evaluate:main",
         "mom-finetune = mom_dist.cli.finetune:main",
         "mom-report = mom_dist.cli.report:main",
+        "mom-plan = mom_dist.cli.plan:main",
     ]},
 )

@@ -111,6 +111,22 @@ class Config:
         return to_dict(self)
 
 
+def check_world(ep_size: int, world: int) -> None:
+    """The trainer's rule for a world size (also used by ``mom-plan`` to enumerate layouts)."""
+    check(world % ep_size == 0, f"parallel.ep_size={ep_size} must divide the world size {world}: "
+                                f"launch a multiple of {ep_size} ranks or change ep_size")
+
+
+def accumulation_steps(train: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per rank per optimizer step; the global batch must split evenly."""
+    per_step = train.micro_batch_size * dp_size
+    check(train.global_batch_size % per_step == 0,
+          f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+          f"micro_batch_size x data-parallel ranks = {train.micro_batch_size} x {dp_size}; "
+          "adjust the batch sizes or the number of ranks")
+    return train.global_batch_size // per_step
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     data = load_yaml(path) if path else {}
     apply_overrides(data, overrides)

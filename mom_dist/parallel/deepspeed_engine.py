@@ -26,7 +26,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from mom_dist.config import Config
+from mom_dist.config import Config, accumulation_steps
 from mom_dist.model.modules import ModulePool
 from mom_dist.parallel.dims import ParallelDims
 
@@ -95,13 +95,7 @@ def plain_state_key(key: str) -> str:
 
 # ----------------------------------------------------------------------------- config
 def gradient_accumulation(cfg: Config, dims: ParallelDims) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * dims.dp_size
-    if t.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                         f"micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dims.dp_size}; "
-                         "adjust the batch sizes or the number of ranks")
-    return t.global_batch_size // per_step
+    return accumulation_steps(cfg.train, dims.dp_size)
 
 
 def _merge(base: dict, over: dict) -> dict:

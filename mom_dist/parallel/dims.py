@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from mom_dist.config import check_world
+
 
 @dataclass
 class ParallelDims:
@@ -49,9 +51,7 @@ def build_parallel_dims(ep_size: int) -> ParallelDims:
     from deepspeed.utils import groups
 
     world = dist.get_world_size()
-    if world % ep_size:
-        raise ValueError(f"parallel.ep_size={ep_size} must divide the world size {world}: "
-                         f"launch a multiple of {ep_size} ranks or change ep_size")
+    check_world(ep_size, world)
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)

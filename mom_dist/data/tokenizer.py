@@ -81,7 +81,7 @@ class Tokenizer:
         except (RuntimeError, OSError) as err:
             raise ValueError(
                 f"tokenizer model {model_path!r} is not a readable SentencePiece model ({err}); "
-                "pass the .model written by mom-preprocess or spm_train, or omit it to train one"
+                "pass the .model written by mom-preprocess (PREFIX_tokenizer.model) or by spm_train"
             ) from None
         self.vocab_size = int(self._sp.vocab_size())
         eod = self._sp.piece_to_id(EOD_PIECE)

@@ -27,9 +27,9 @@ def ffn_module_params(d: int) -> int:
     return 8 * d * d + 7 * d
 
 
-def router_params(r: RouterConfig, d: int, n_classes: int) -> int:
-    if r.kind == "gru":  # GRUCell(d, r): W_ih (3r, d), W_hh (3r, r), two 3r biases; head (C, r), no bias
-        return 3 * r.dim * (d + r.dim) + 6 * r.dim + n_classes * r.dim
+def router_params(r: RouterConfig, d: int, n_classes: int, head_bias: bool = False) -> int:
+    if r.kind == "gru":  # GRUCell(d, r): W_ih (3r, d), W_hh (3r, r), two 3r biases; head (C, r), bias if router_bias
+        return 3 * r.dim * (d + r.dim) + 6 * r.dim + n_classes * r.dim + (n_classes if head_bias else 0)
     return d * r.dim + r.dim + r.dim * n_classes + n_classes  # Linear(d, r) + ReLU + Linear(r, C)
 
 
@@ -50,7 +50,8 @@ def param_counts(m: ModelConfig) -> ParamCounts:
     d = m.d_model
     n_blocks = m.n_bottom + m.n_top + (m.n_chunks if m.anchor else 0)
     pools = m.n_chunks * (m.n_attn_modules * attn_module_params(d) + m.n_ffn_modules * ffn_module_params(d))
-    routers = m.n_chunks * (router_params(m.attn_router, d, m.n_classes) + router_params(m.ffn_router, d, m.n_classes))
+    routers = m.n_chunks * (router_params(m.attn_router, d, m.n_classes, m.router_bias)
+                            + router_params(m.ffn_router, d, m.n_classes, m.router_bias))
     emb = (m.vocab_size + m.max_seq_len) * d
     dense = n_blocks * block_params(d)
     total = emb + dense + pools + routers + 2 * d  # + final LayerNorm

@@ -107,9 +107,13 @@ class RunLock:
                 os.makedirs(out_dir, exist_ok=True)
                 lock.token = _take(out_dir, lock.path, log)["token"]
                 verdict = [None, lock.token]
-            except (ValueError, OSError) as e:
+            except ValueError as e:
                 lock._remove_created_dir()
                 verdict = [str(e), None]
+            except OSError as e:  # out_dir is a file, under a file, on a read-only file system, ...
+                lock._remove_created_dir()
+                verdict = [f"train.out_dir '{out_dir}' cannot be used: {e.strerror or e} "
+                           f"({e.filename or out_dir}); choose a directory path this rank can create and write", None]
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             dist.broadcast_object_list(verdict, src=0)

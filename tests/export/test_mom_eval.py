@@ -141,7 +141,7 @@ def test_error_paths(world, case, capsys, tmp_path):
         "ids_beyond_vocab": ([world["bare"], "--data", big], "holds token id 999"),
         "missing_tokenizer_file": ([world["bare"], "--data", world["data"], "--tokenizer", "x.model"], "no such file"),
         "corrupt_tokenizer": ([world["bare"], "--data", world["data"], "--tokenizer", str(tmp_path / "bad.model")],
-                              "is not a SentencePiece model"),
+                              "is not a readable SentencePiece model"),
     }[case]
     before = snapshot(world["root"], str(tmp_path))
     code, out, err = run_cli(base + args, capsys)
@@ -165,7 +165,7 @@ def test_to_hf_tokenizer_errors(world, tmp_path, capsys):
     assert out.returncode == 2 and "no such file" in out.stderr and not (tmp_path / "x").exists()
     (tmp_path / "garbage.model").write_bytes(b"not a sentencepiece model")
     out = convert(world["bare"], "-o", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "garbage.model"))
-    assert out.returncode == 2 and "is not a SentencePiece model" in out.stderr and not (tmp_path / "x").exists()
+    assert out.returncode == 2 and "is not a readable SentencePiece model" in out.stderr and not (tmp_path / "x").exists()
     small = save_exported(str(tmp_path / "small"), routed_config(64), MoMModel(routed_config(64)).state_dict())
     out = convert(small, "-o", str(tmp_path / "x"), "--tokenizer", world["tok"])
     assert out.returncode == 2 and "has 400 ids but the model's vocab_size is 64" in out.stderr, out.stderr

@@ -2,7 +2,7 @@
 
 Each launch trains the same tiny MoM (world 2, EP 2, 3 optimizer steps, synthetic data) and must
 exit 0 with both ranks' work on disk: 3 train records in metrics.jsonl, a ``latest`` checkpoint
-and expert files of both EP ranks (``layer_*_expert_0_*`` from rank 0, ``..._1_*`` from rank 1).
+and the training-state files of both ranks (``state_rank0000{0,1}.safetensors``).
 Same data, same layout, so every launcher must also give the same losses.
 
     deepspeed --num_gpus 2 mom_dist/cli/train.py   |  launchers/deepspeed_multinode.sh, 2 "nodes"
@@ -17,7 +17,6 @@ the venv's ninja differs from the system one and each switch rebuilds DeepSpeed'
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -184,8 +183,8 @@ def test_slurm_sbatch_preempted_and_requeued(tmp_path, shm_op_built):
     ckpt = out / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
     state = json.loads((ckpt / tag / "mom_state.json").read_text())
-    assert 2 <= state["step"] < 500 and state["layout"] == {"world_size": 2, "ep_size": 2}
-    assert glob.glob(str(ckpt / tag / "layer_*_expert_0_*")) and glob.glob(str(ckpt / tag / "layer_*_expert_1_*"))
+    assert 2 <= state["step"] < 500 and (state["layout"]["world_size"], state["layout"]["ep_size"]) == (2, 2)
+    assert (ckpt / tag / "state_rank00000.safetensors").exists() and (ckpt / tag / "state_rank00001.safetensors").exists()
     with open(out / "metrics.jsonl") as f:
         losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
     LOSSES["slurm"] = losses[:3]  # steps 1-3 are inside the 30-step warmup: same lr as a 3-step run

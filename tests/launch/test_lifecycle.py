@@ -128,12 +128,18 @@ def test_bad_input_exits_2_and_unexpected_errors_exit_1(tmp_path):
     p = run(TRAIN + train_args(out), clean_env(RANK="2", WORLD_SIZE="2"), timeout=120, check=False)
     assert p.returncode == 2 and "mom-train: error: rank 2 is outside the world of 2" in p.stdout, p.stdout[-2000:]
     assert not out.exists()  # nothing was written for a run that could not start
-    blocker = tmp_path / "a-file"  # train.out_dir names an existing file: makedirs fails (OSError)
+    blocker = tmp_path / "a-file"  # train.out_dir names an existing file: refused up front (bad input)
     blocker.write_text("user data\n")
     p = run(TRAIN + train_args(blocker, "parallel.ep_size=1"), clean_env(), timeout=LAUNCH_TIMEOUT, check=False)
+    assert p.returncode == 2 and "mom-train: error: train.out_dir" in p.stdout and "cannot be used" in p.stdout, \
+        p.stdout[-3000:]
+    assert blocker.read_text() == "user data\n"
+    out.mkdir()  # <out_dir>/checkpoints is a file: its makedirs fails inside the run (unexpected OSError)
+    (out / "checkpoints").write_text("user data\n")
+    p = run(TRAIN + train_args(out, "parallel.ep_size=1"), clean_env(), timeout=LAUNCH_TIMEOUT, check=False)
     assert p.returncode == 1, p.stdout[-3000:]
     assert "Traceback" in p.stdout and "mom-train: rank 0/1 on host" in p.stdout, p.stdout[-3000:]
-    assert "failed: FileExistsError" in p.stdout and blocker.read_text() == "user data\n"
+    assert "failed: NotADirectoryError" in p.stdout and (out / "checkpoints").read_text() == "user data\n"
 
 
 def test_mpi4py_of_another_mpi_falls_back_with_one_line(tmp_path):

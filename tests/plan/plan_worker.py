@@ -27,7 +27,7 @@ from mom_dist.model import MoMModel  # noqa: E402
 from mom_dist.parallel.dims import build_parallel_dims  # noqa: E402
 from mom_dist.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
 from mom_dist.parallel.local_launch import worker_main  # noqa: E402
-from mom_dist.train.telemetry import routing_telemetry  # noqa: E402
+from mom_dist.train.telemetry import StepTelemetry, routing_record  # noqa: E402
 
 
 def a2a(args: dict) -> dict:
@@ -41,6 +41,7 @@ def a2a(args: dict) -> dict:
         model = MoMModel(model_config(m, k, k, activation_checkpointing=case.get("ac", False)))
         apply_expert_parallel(model, dims, cf)
         model.train()
+        step_tel = StepTelemetry(model, dims)  # what the trainer records for a step
         ids, labels = batch(m, m["batch"], 1000 + dims.rank)
         with A2AMeter() as meter:
             res = model(ids, labels)
@@ -52,7 +53,8 @@ def a2a(args: dict) -> dict:
                                              model.cfg.qkv_weighted)
             plans.append([rec.pool, u, wp])
         sent = sum(c.dispatcher.bytes_sent for c in model.chunks)
-        tel = routing_telemetry(res.routing, model, dims)  # all ranks: it all-reduces
+        step_tel.add(res.routing)
+        tel = routing_record(step_tel.reduce())  # all ranks: it all-reduces
         out[case["name"]] = dict(
             plans=plans, bytes_sent=sent, tokens=ids.numel(), telemetry=tel,
             wire_fwd_payload=meter.bytes[("fwd", "payload")], wire_fwd_control=meter.bytes[("fwd", "control")],

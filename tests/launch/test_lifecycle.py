@@ -41,6 +41,24 @@ def start_ranks(out, world: int, *extra, block: bool = False, **env) -> tuple[li
     return procs, logs
 
 
+def _wait_until_term_is_blocked_or_caught(proc, timeout: float = 30.0) -> None:
+    """Popen returns once ``env`` is exec'd; ``env`` blocks the signals a moment later. A signal
+    in between kills the process by default, as it would any program: what the launchers and
+    this test promise starts once the signal is blocked (then caught by mom-train's handler)."""
+    term = 1 << (signal.SIGTERM - 1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                masks = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+        except FileNotFoundError:
+            break
+        if (int(masks.get("SigBlk", "0"), 16) | int(masks.get("SigCgt", "0"), 16)) & term:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"rank process {proc.pid} never blocked or caught SIGTERM")
+
+
 def read(log) -> str:
     log.flush()
     with open(log.name) as f:
@@ -63,6 +81,7 @@ def test_signal_at_start_every_rank_leaves_with_75(tmp_path):
     agree at the first safe point and leave with 75 - no checkpoint, no `done` line."""
     out = tmp_path / "out"
     procs, logs = start_ranks(out, 2, "train.steps=50", block=True)
+    _wait_until_term_is_blocked_or_caught(procs[1])
     procs[1].send_signal(signal.SIGTERM)
     codes = wait_all(procs)
     text = [read(f) for f in logs]

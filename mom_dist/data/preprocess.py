@@ -73,6 +73,13 @@ class _Settings:
     input_sentence_size: Optional[int]
 
 
+
+def _count_skip(rec, skipped: Counter, examples: list) -> None:
+    """Count a skipped record by reason and keep its file:line for the first few."""
+    skipped[rec.skip] += 1
+    if len(examples) < _MAX_SKIP_EXAMPLES:
+        examples.append({"where": rec.where, "reason": rec.skip})
+
 def output_paths(prefix: str) -> dict:
     """Every path `preprocess` writes for `prefix` (see `preprocess` for what each holds)."""
     return {
@@ -255,9 +262,7 @@ def _shard_tasks(files, settings: _Settings, work: str, done: set, stats: dict):
         records += 1
         stats["records"] += 1
         if rec.text is None:
-            skipped[rec.skip] += 1
-            if len(examples) < _MAX_SKIP_EXAMPLES:
-                examples.append({"where": rec.where, "reason": rec.skip})
+            _count_skip(rec, skipped, examples)
             continue
         texts.append(rec.text)
         doc_index += 1
@@ -531,9 +536,7 @@ def _train(files, settings: _Settings, work: str) -> str:
         for _, rec in corpus.iter_records(files, settings.text_field):
             seen["records"] += 1
             if rec.text is None:
-                skipped[rec.skip] += 1
-                if len(examples) < _MAX_SKIP_EXAMPLES:
-                    examples.append({"where": rec.where, "reason": rec.skip})
+                _count_skip(rec, skipped, examples)
                 continue
             seen["docs"] += 1
             yield rec.text

@@ -74,15 +74,20 @@ def wait_for(path, text: str, timeout: float = JOB_TIMEOUT, alive=lambda: True) 
     raise AssertionError(f"'{text}' not in {path} after {timeout} s:\n{open(path).read()[-4000:]}")
 
 
+def _running(daemons, what: str):
+    """Fixture body: start the daemons (skip, saying why, where they cannot start), stop them after."""
+    try:
+        d = daemons()
+    except Unavailable as e:
+        pytest.skip(f"{what} cannot run here: {e}")
+    yield d
+    d.stop()
+
+
 # ---------------------------------------------------------------------------- SLURM
 @pytest.fixture(scope="module")
 def slurm():
-    try:
-        cluster = Slurm()
-    except Unavailable as e:
-        pytest.skip(f"SLURM cannot run here: {e}")
-    yield cluster
-    cluster.stop()
+    yield from _running(Slurm, "SLURM")
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +225,7 @@ def test_slurm_torchrun_variant_trains_and_requeues(slurm, tmp_path, reference):
 # ---------------------------------------------------------------------------- ssh + pdsh
 @pytest.fixture(scope="module")
 def sshd():
-    try:
-        d = Sshd()
-    except Unavailable as e:
-        pytest.skip(f"sshd/pdsh cannot run here: {e}")
-    yield d
-    d.stop()
+    yield from _running(Sshd, "sshd/pdsh")
 
 
 def _ds_launch(tmp_path, *extra):

@@ -21,12 +21,15 @@ What it measures, as markdown tables (to ``$OUT/gpu_h200.md`` when ``$OUT`` is s
   5. If ``torch.cuda.device_count() > 1``: NCCL ``all_to_all_single`` bandwidth between the
      visible GPUs (one process per GPU). With one GPU this is skipped (an all-to-all with
      oneself moves nothing).
+  6. ``torch.compile(model)`` vs eager training steps, grouped GEMM on and off: compile time,
+     step time, Dynamo's graph / graph-break / recompile counts, peak memory.
 
-Budget: about 2-4 minutes on one H200 (first-step compilation included); keep under 6.
+Budget: about 3.5 minutes on one H200 (sections 1-5 ~20 s, section 6 ~150 s of compiling);
+``--budget-s`` bounds section 6. Each section rewrites ``$OUT/gpu_h200.md`` when it ends.
 Run on the GPU machine from the repository root (needs torch >= 2.8 with CUDA; DeepSpeed is
 not needed):
     OUT=/tmp/out python benchmarks/gpu_h200.py            # full run, writes $OUT/gpu_h200.md
-    python benchmarks/gpu_h200.py --smoke                  # tiny sizes, CPU or GPU, ~30 s
+    python benchmarks/gpu_h200.py --smoke                  # tiny sizes, CPU or GPU, ~2 min (section 6 compiles)
 Then copy the table into ``benchmarks/results/gpu_h200.md``.
 """
 
@@ -324,6 +327,78 @@ def ffn_step(args, dev, have_pg: bool) -> str:
     return "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------- 6. torch.compile
+def compiled_vs_eager(args, dev, deadline: float) -> str:
+    """Training-step time of MoM-small, eager vs ``torch.compile(model)`` (forward + backward
+    compiled, optimizer eager), for grouped GEMM on and off. The first compiled step's time is the
+    compile time; graphs and graph breaks are Dynamo's own counters. A variant that fails to compile
+    is reported with its error; variants are skipped once ``deadline`` (time.time()) has passed."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    S, B = args.seq, args.micro_batch
+    rows = ["| variant | first step s (compile) | step s median | tokens/s | vs eager | graphs | graph breaks "
+            "| recompiles | peak mem GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ids, labels = batch(mom_small(args), B, S, dev, seed=2)
+    eager_s = {}
+    for grouped in ("on", "off"):
+        for compiled in (False, True):
+            name = f"grouped {grouped}, {'compiled' if compiled else 'eager'}"
+            if time.time() > deadline:
+                rows.append(f"| {name} | skipped: time budget spent | | | | | | | |")
+                continue
+            torch.manual_seed(0)
+            cfg = mom_small(args, grouped_gemm=grouped, activation_checkpointing=False)
+            with dev:
+                model = MoMModel(cfg).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+            dynamo.reset()
+            counters.clear()
+            fwd = torch.compile(model) if compiled else model
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            times = []
+            try:
+                for i in range(1 + args.warmup + args.steps):
+                    sync_device(dev)
+                    t0 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16):
+                        out = fwd(ids, labels)
+                    out.loss.backward()
+                    opt.step()
+                    sync_device(dev)
+                    times.append(time.perf_counter() - t0)
+                    if time.time() > deadline + 60:
+                        raise TimeoutError(f"stopped after {i + 1} steps: time budget spent")
+            except Exception as e:  # noqa: BLE001 - the failure is the result
+                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                rows.append(f"| {name} | failed: {type(e).__name__}: {msg} | | | | | | | |")
+                del model, opt
+                continue
+            med = statistics.median(times[1 + args.warmup:])
+            if not compiled:
+                eager_s[grouped] = med
+            rel = f"{eager_s[grouped] / med:.2f}x" if compiled and grouped in eager_s else "1.00x"
+            st = counters["stats"]
+            graphs = st.get("unique_graphs", 0) if compiled else "-"
+            breaks = sum(counters["graph_break"].values()) if compiled else "-"
+            recomp = max(0, st.get("unique_graphs", 0) - 1) if compiled else "-"
+            mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
+            rows.append(f"| {name} | {times[0]:.2f} | {med:.4f} | {B * S / med:,.0f} | {rel} | {graphs} | {breaks} "
+                        f"| {recomp} | {mem:.1f} |")
+            reasons = sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:3] if compiled else []
+            for why, n in reasons:
+                rows.append(f"| ↳ break x{n} | {why.splitlines()[0][:150]} | | | | | | | |")
+            del model, opt, out, fwd
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    rows += ["", "Compiled: `torch.compile(model)` (default mode, inductor); optimizer eager (fused AdamW on GPU); "
+                 "bf16 autocast; 'first step' includes the compile. 'recompiles' counts unique graphs beyond the "
+                 "first, so it includes the graphs that graph breaks create."]
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------- 5. NCCL a2a
 def _a2a_bw_worker(rank: int, world: int, port: int, sizes_mb: list, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -384,6 +459,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--skip-loop", action="store_true", help="omit the loop-fallback throughput row")
+    ap.add_argument("--skip-compile", action="store_true", help="omit section 6 (torch.compile vs eager)")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="wall-clock budget: section 6 skips variants once it is spent (default 420 s)")
     args = ap.parse_args()
     s = args.smoke
     args.seq = args.seq or (64 if s else 1024)
@@ -406,8 +484,37 @@ def main() -> None:
     def section(title, fn):
         t = time.time()
         print(f"[gpu_h200] {title} ...", file=sys.stderr, flush=True)
-        sections.append(f"## {title}\n\n{fn()}\n\n({time.time() - t:.0f} s)")
+        try:
+            body = fn()
+        except Exception as e:  # noqa: BLE001 - keep the other sections' results
+            import traceback
+            body = "FAILED:\n\n```\n" + traceback.format_exc()[-3000:] + "```"
+            print(f"[gpu_h200] {title} failed: {e!r}", file=sys.stderr, flush=True)
+        sections.append(f"## {title}\n\n{body}\n\n({time.time() - t:.0f} s)")
+        write(partial=True)  # what has run so far survives a timeout later on
 
+    def write(partial: bool = False) -> None:
+        cfg = mom_small(args)
+        head = (f"# gpu_h200 benchmark{' (SMOKE: tiny sizes, numbers meaningless)' if s else ''}"
+                f"{' (PARTIAL: still running or stopped early)' if partial else ''}\n\n"
+                f"date {datetime.datetime.now().isoformat(timespec='seconds')}, device {name}, "
+                f"torch {torch.__version__}, CUDA {torch.version.cuda}; model: d {cfg.d_model}, heads {cfg.n_heads}, "
+                f"vocab {cfg.vocab_size}, B={cfg.n_bottom} T={cfg.n_top} C={cfg.n_chunks} N_A={cfg.n_attn_modules} "
+                f"N_F={cfg.n_ffn_modules} H={cfg.n_steps}, K={cfg.attn_router.top_k}/{cfg.ffn_router.top_k}, "
+                f"GRU r={cfg.attn_router.dim}, {n_params:,} parameters; seq {args.seq}, micro-batch "
+                f"{args.micro_batch}; {args.warmup} warm-up + {args.steps} timed steps; "
+                f"total {time.time() - t_start:.0f} s\n")
+        text = head + "\n" + "\n\n".join(sections) + "\n"
+        if not partial:
+            print(text)
+        out_dir = os.environ.get("OUT")
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "gpu_h200.md"), "w") as f:
+                f.write(text)
+
+    with torch.device("meta"):
+        n_params = MoMModel(mom_small(args)).num_parameters()
     section("1. bf16 vs fp32 (forward + backward, MoM-small" + (" - smoke sizes)" if s else ")"),
             lambda: bf16_correctness(args, dev))
     section("2. Training throughput and MFU", lambda: throughput(args, dev))
@@ -417,23 +524,10 @@ def main() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     section("5. NCCL all_to_all_single bandwidth", lambda: nccl_bandwidth(args))
-    cfg = mom_small(args)
-    head = (f"# gpu_h200 benchmark{' (SMOKE: tiny sizes, numbers meaningless)' if s else ''}\n\n"
-            f"date {datetime.datetime.now().isoformat(timespec='seconds')}, device {name}, torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}; model: d {cfg.d_model}, heads {cfg.n_heads}, vocab {cfg.vocab_size}, "
-            f"B={cfg.n_bottom} T={cfg.n_top} C={cfg.n_chunks} N_A={cfg.n_attn_modules} N_F={cfg.n_ffn_modules} "
-            f"H={cfg.n_steps}, K={cfg.attn_router.top_k}/{cfg.ffn_router.top_k}, GRU r={cfg.attn_router.dim}, "
-            f"{MoMModel(cfg).num_parameters():,} parameters; "
-            f"seq {args.seq}, micro-batch {args.micro_batch}; {args.warmup} warm-up + {args.steps} timed steps; "
-            f"total {time.time() - t_start:.0f} s\n")
-    text = head + "\n" + "\n\n".join(sections) + "\n"
-    print(text)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "gpu_h200.md"), "w") as f:
-            f.write(text)
-
+    if not args.skip_compile:
+        section("6. torch.compile vs eager (training step)",
+                lambda: compiled_vs_eager(args, dev, t_start + args.budget_s))
+    write()
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,8 @@ import sys
 import pytest
 import torch
 
-from mom_dist.convert.checkpoints import consolidate, init_from_source
-from mom_dist.convert.export import load_source
+from mom_dist.checkpoint.consolidate import consolidate
+from mom_dist.checkpoint.sources import init_from_source, load_source
 from mom_dist.config import load_config
 from mom_dist.model import MoMModel
 from tests.dist_utils import ROOT, run_workers

@@ -2,7 +2,7 @@
 markdown table.
 
 World 4, EP in {1, 2, 4} x ZeRO in {0, 1, 2}, fp32, one model (below): the layout-free format
-(``mom_dist.train.sharded_state``, what the trainer writes now: each rank its pieces of fp32
+(``mom_dist.checkpoint.shards``, what the trainer writes now: each rank its pieces of fp32
 masters and Adam moments, plus its RNG file and rank 0's mom_state.json) next to DeepSpeed's
 own format (``engine.save_checkpoint``: what mom_dist wrote before). Times are wall seconds
 from a barrier to the last rank done (median of ``--repeats``), on files the OS has just

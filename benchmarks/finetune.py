@@ -39,7 +39,7 @@ def setup(tmp: str) -> str:
     """A tokenizer, a randomly initialised exported MoM and generated task files under ``tmp``."""
     import torch
 
-    from mom_dist.convert.export import save_exported
+    from mom_dist.checkpoint.exported import save_exported
     from mom_dist.data.tokenizer import train_tokenizer
     from mom_dist.model import ModelConfig, MoMModel, RouterConfig
 

@@ -48,23 +48,28 @@ def main(argv=None) -> int:
     h.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer (synthetic-data models)")
     args = ap.parse_args(argv)
 
-    from mom_dist.convert import export
+    from mom_dist.checkpoint.exported import export_run, save_exported
+    from mom_dist.convert.hf import refuse_existing
 
     try:
         if args.cmd == "from-release":
-            from mom_dist.convert.release import import_release
-            out = import_release(args.src, args.output, overwrite=args.overwrite)
+            from mom_dist.convert.release import load_release
+            refuse_existing(args.output, args.overwrite)  # before reading gigabytes
+            cfg, sd = load_release(args.src)
+            out = save_exported(args.output, cfg, sd, overwrite=args.overwrite)
         elif args.cmd == "export":
-            out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite,
-                                    tokenizer=_tokenizer_arg(args.tokenizer))
+            out = export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite,
+                             tokenizer=_tokenizer_arg(args.tokenizer))
         elif args.cmd == "to-hf":
-            model, found = export.load_source(args.source)
+            from mom_dist.checkpoint.sources import load_source
+            from mom_dist.convert.hf import export_hf
+            model, found = load_source(args.source)
             tok = None if args.no_tokenizer else (_tokenizer_arg(args.tokenizer) or found)
             if tok is None and not args.no_tokenizer:
                 raise ValueError(f"no tokenizer is recorded for '{args.source}' (its data config names none); pass "
                                  "--tokenizer M.model (the SentencePiece model its data was made with), or "
                                  "--no-tokenizer for a model trained on synthetic data")
-            out = export.export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok)
+            out = export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok)
         else:
             import torch
 
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
             torch.manual_seed(cfg.train.seed)
             model = MoMModel(cfg.model)
             init_mom_from_gpt2(model, args.hf_dir)
-            out = export.save_exported(args.output, cfg.model, model.state_dict(), overwrite=args.overwrite)
+            out = save_exported(args.output, cfg.model, model.state_dict(), overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"mom-convert: error: {err}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     args = ap.parse_args(argv)
 
-    from mom_dist.convert.export import load_source
+    from mom_dist.checkpoint.sources import load_source
     from mom_dist.evaluate.perplexity import check_data_for_model, perplexity
 
     try:

@@ -192,13 +192,12 @@ def read_release(src: str) -> tuple[dict, dict]:
     return rc, sd
 
 
-def import_release(src: str, out_dir: str, *, overwrite: bool = False) -> str:
-    """Write a release checkpoint as an exported mom_dist directory (``mom_config.json`` +
-    ``model.safetensors``), after loading it into a ``MoMModel`` to prove every shape fits."""
-    from mom_dist.convert.export import _refuse_existing, save_exported
+def load_release(src: str) -> tuple[ModelConfig, dict]:
+    """(our model config, our fp32 state dict) of a release checkpoint, every shape checked
+    against the model its config describes (``mom-convert from-release`` writes them as an
+    exported directory)."""
     from mom_dist.model import MoMModel
 
-    _refuse_existing(out_dir, overwrite)  # before reading gigabytes
     rc, sd = read_release(src)
     cfg = config_from_release(rc)
     ours = state_dict_from_release(sd, cfg)
@@ -209,4 +208,4 @@ def import_release(src: str, out_dir: str, *, overwrite: bool = False) -> str:
             raise ValueError(f"shape mismatch for {k}: the release checkpoint has {tuple(ours[k].shape)}, its "
                              f"config.json implies {tuple(v.shape)}")
     assert set(ours) == set(want), sorted(set(ours) ^ set(want))[:5]
-    return save_exported(out_dir, cfg, {k: v.float() for k, v in ours.items()}, overwrite=overwrite)
+    return cfg, {k: v.float() for k, v in ours.items()}

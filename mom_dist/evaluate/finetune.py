@@ -187,8 +187,8 @@ def _find_tokenizer(source: str, given: str | None) -> str:
 def prepare(source: str, task: T.TaskConfig, out_dir: str, overrides: list[str] | None = None, *,
             tokenizer: str | None = None, overwrite: bool = False) -> Prepared:
     """Every check that can fail on user input, before any process group exists."""
-    from mom_dist.convert.checkpoints import same_architecture
-    from mom_dist.convert.export import load_exported
+    from mom_dist.checkpoint.consolidate import same_architecture
+    from mom_dist.checkpoint.sources import load_exported
     from mom_dist.data.tokenizer import Tokenizer
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -346,7 +346,7 @@ def evaluate(model: TaskModel, prepared: Prepared, dims, device, log=print) -> d
 def save_outputs(plain: TaskModel, prepared: Prepared, result: dict) -> None:
     from safetensors.torch import save_file
 
-    from mom_dist.convert.export import save_exported
+    from mom_dist.checkpoint.exported import save_exported
 
     out = prepared.out_dir
     os.makedirs(out, exist_ok=True)

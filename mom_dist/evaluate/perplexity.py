@@ -36,7 +36,7 @@ def check_data_for_model(prefix: str, vocab_size: int, tokenizer: str | None) ->
     from mom_dist.data.loader import DataConfig, check_data
 
     if tokenizer is not None:
-        from mom_dist.convert.export import check_tokenizer
+        from mom_dist.convert.hf import check_tokenizer
 
         check_tokenizer(tokenizer, vocab_size)  # a corrupt .model is bad input, not a traceback
     meta = indexed.read_meta(prefix) or {}

@@ -3,8 +3,8 @@
 - Module pools are presented to DeepSpeed as native MoE layers (``PoolAsDeepSpeedMoE``), so the
   engine (a) reduces module gradients over the expert-data-parallel group and the rest over the
   world, (b) keeps module parameters in their own ZeRO partitions. (Checkpoints do not use
-  DeepSpeed's format, which ties optimizer shards to the layout: ``engine_state`` reads and
-  restores the engine's state in any layout.)
+  DeepSpeed's format, which ties optimizer shards to the layout:
+  ``mom_dist.checkpoint.engine_state`` reads and restores the engine's state in any layout.)
 - ``build_ds_config`` generates the DeepSpeed config from ours and merges a user JSON over it,
   rejecting settings that contradict ours before any collective starts.
 - ``initialize`` builds the optimizer param groups (weight decay split, module groups split per
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,10 @@ from mom_dist.config import Config, accumulation_steps
 from mom_dist.model.modules import ModulePool
 from mom_dist.parallel.dims import ParallelDims
 
+# Where DeepSpeed finds a wrapped pool's tensors (``PoolAsDeepSpeedMoE``); group 1 is the EP rank
+# whose slice they are.
+EXPERT_KEY = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
+
 
 class PoolAsDeepSpeedMoE(MoE):
     """A module pool seen by DeepSpeed as a native MoE layer.
@@ -37,7 +42,7 @@ class PoolAsDeepSpeedMoE(MoE):
     DeepSpeed finds "experts" at ``deepspeed_moe.experts.deepspeed_experts.{i}``. Our pools stack
     their modules, so each EP rank's whole slice is one such expert (``num_local_experts = 1``,
     ``num_experts = ep_size``); DeepSpeed's own checkpoint format (written by earlier mom_dist
-    versions, still read by ``convert.checkpoints``) has one ``layer_{L}_expert_{ep_rank}_...``
+    versions, still read by ``mom_dist.checkpoint``) has one ``layer_{L}_expert_{ep_rank}_...``
     file per pool and EP rank. Computation is delegated to the wrapped pool.
     """
 
@@ -88,8 +93,6 @@ def wrap_pools_for_deepspeed(model, dims: ParallelDims) -> None:
 
 def plain_state_key(key: str) -> str:
     """Map a DeepSpeed-wrapped state-dict key back to the plain model's key."""
-    from mom_dist.convert.checkpoints import EXPERT_KEY  # the checkpoint format's one definition
-
     return EXPERT_KEY.sub(".", key)
 
 

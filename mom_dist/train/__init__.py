@@ -1,1 +1,2 @@
-"""Training: the loop (trainer.py), its data feed, checkpoints, metrics and routing telemetry."""
+"""Training: the loop (trainer.py), its data feed, the checkpoint policy (when to save, which
+to keep, rollback; the format is ``mom_dist.checkpoint``), metrics and routing telemetry."""

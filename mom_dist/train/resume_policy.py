@@ -18,7 +18,6 @@ The checkpoint's ``mom_state.json`` records the config that wrote it. Against th
 
 from __future__ import annotations
 
-import json
 import os
 
 SAFE_MODEL_KEYS = ("activation_checkpointing", "grouped_gemm")
@@ -45,27 +44,6 @@ def _diff(old: dict, new: dict, prefix: str) -> list[tuple[str, object, object]]
 
 def _show(changes) -> str:
     return ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in changes)
-
-
-def latest_state(out_dir: str) -> tuple[str, dict] | None:
-    """(tag, mom_state) of the checkpoint a run in ``out_dir`` would resume from, or None."""
-    ckpts = os.path.join(out_dir, "checkpoints")
-    try:
-        with open(os.path.join(ckpts, "latest")) as f:
-            tag = f.read().strip()
-    except FileNotFoundError:
-        return None
-    if not tag:
-        return None
-    path = os.path.join(ckpts, tag, "mom_state.json")
-    try:
-        with open(path) as f:
-            return tag, json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint '{os.path.dirname(path)}' is incomplete (no mom_state.json); point "
-                         "'latest' at a complete checkpoint or remove it") from None
-    except ValueError as e:
-        raise ValueError(f"'{path}' is not valid JSON ({e}); point 'latest' at a complete checkpoint") from None
 
 
 def check_resume(cfg, saved_config: dict, where: str) -> list[tuple[str, object, object]]:

@@ -10,7 +10,7 @@ accumulation over this rank's micro-batches) with logging, telemetry, evaluation
 and preemption -> final checkpoint and validation perplexity.
 
 Safety around that (docs/usage.md, "Checkpoint safety"): rank 0 locks ``out_dir`` before anything is
-written (``run_lock``); a resume that would change the computation is refused before anything
+written (``checkpoint.run_lock``); a resume that would change the computation is refused before anything
 is loaded (``resume_policy``), recipe changes are applied and logged; ``config.json`` is written
 only once the run is accepted; non-finite steps are skipped and a diverged run stops with exit
 code 3 without saving (``divergence``).
@@ -32,14 +32,15 @@ from mom_dist.parallel import deepspeed_engine
 from mom_dist.parallel.dims import build_parallel_dims
 from mom_dist.parallel.expert_parallel import apply_expert_parallel
 from mom_dist.parallel.runtime import init_distributed, watch_collectives
+from mom_dist.checkpoint.layout import latest_state
+from mom_dist.checkpoint.run_lock import RunLock
 from mom_dist.quiet import drop_stdout_lines
 from mom_dist.train import lifecycle
 from mom_dist.train.checkpoint import Checkpointer
 from mom_dist.train.data import build_data
 from mom_dist.train.divergence import NonFiniteGuard
 from mom_dist.train.metrics import ETA, MetricsWriter, eval_progress, progress_line
-from mom_dist.train.resume_policy import check_resume, latest_state
-from mom_dist.train.run_lock import RunLock
+from mom_dist.train.resume_policy import check_resume
 from mom_dist.train.telemetry import StepTelemetry, routing_record
 
 
@@ -130,7 +131,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
     torch.manual_seed(t.seed)  # identical initial weights on every rank, for any layout
     model = MoMModel(cfg.model)
     if t.init_from:
-        from mom_dist.convert.checkpoints import init_from_source
+        from mom_dist.checkpoint.sources import init_from_source
         init_from_source(model, t.init_from)
     apply_expert_parallel(model, dims, p.capacity_factor if p.dispatcher == "capacity" else None)
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_dist.cli.convert import main as convert_main
-from mom_dist.convert.export import load_exported
+from mom_dist.checkpoint.sources import load_exported
 
 D, HEADS, V, S = 16, 2, 50, 12
 
@@ -280,7 +280,7 @@ def test_unreadable_sources_and_existing_outputs(tmp_path, capsys):
 def test_imported_directory_starts_a_training_run(tmp_path):
     # train.init_from takes an exported directory (the trainer calls init_from_source)
     from mom_dist.config import load_config
-    from mom_dist.convert.checkpoints import init_from_source
+    from mom_dist.checkpoint.sources import init_from_source
     from mom_dist.model import MoMModel
 
     rc = release_config()

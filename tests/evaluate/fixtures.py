@@ -31,7 +31,7 @@ def tokenizer(root) -> str:
 
 def exported_model(root, name="model", **overrides) -> str:
     """A randomly initialised MoM exported with its tokenizer next to it (tokenizer.model)."""
-    from mom_dist.convert.export import save_exported
+    from mom_dist.checkpoint.exported import save_exported
     from mom_dist.model import ModelConfig, MoMModel, RouterConfig
 
     out = os.path.join(str(root), name)

@@ -46,7 +46,7 @@ def test_cli_fine_tunes_a_separable_task_well_above_chance(root, tmp_path):
     train_losses = [r["task_loss"] for r in lines if r["kind"] == "finetune"]
     assert train_losses[-1] < 0.5 * train_losses[0]
     # the fine-tuned backbone is an exported directory
-    from mom_dist.convert.export import load_exported
+    from mom_dist.checkpoint.sources import load_exported
     assert load_exported(str(out / "model")).cfg.d_model == fx.MODEL["d_model"]
     assert "mom-finetune: done: accuracy" in proc.stdout
 

@@ -17,7 +17,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from mom_dist.convert.export import export_hf
+from mom_dist.convert.hf import export_hf
 from mom_dist.model import MoMModel
 from tests.export.test_hf_export import (TEXTS, assert_matches_ours, make_inputs, routed_config, run_check,
                                          tiny_tokenizer)

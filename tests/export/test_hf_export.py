@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from mom_dist.convert.export import HF_REMOTE, export_hf, load_source
+from mom_dist.checkpoint.sources import load_source
+from mom_dist.convert.hf import HF_REMOTE, export_hf
 from mom_dist.model import MoMModel
 from mom_dist.model.config import ModelConfig, RouterConfig, gpt2_config
 from mom_dist.model.generate import generate_greedy

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mom_dist.convert.export import export_hf
+from mom_dist.convert.hf import export_hf
 from mom_dist.model import MoMModel
 from mom_dist.model.generate import generate_greedy
 from tests.export.test_hf_export import routed_config, tiny_tokenizer

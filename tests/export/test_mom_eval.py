@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from mom_dist.cli.evaluate import main as mom_eval
-from mom_dist.convert.export import export_hf, save_exported
+from mom_dist.checkpoint.exported import save_exported
+from mom_dist.convert.hf import export_hf
 from mom_dist.data.loader import write_token_documents
 from mom_dist.evaluate.perplexity import perplexity, read_tokens, rolling_windows
 from mom_dist.model import MoMModel
@@ -76,7 +77,7 @@ def test_export_and_hf_directories_give_the_same_perplexity_with_progress(world,
 
 
 def test_run_directory_tokenizer_found_from_its_data(world, tmp_path):
-    from mom_dist.convert.export import run_tokenizer
+    from mom_dist.checkpoint.exported import run_tokenizer
 
     prefix = world["data"].replace("_valid_", "_train_")
     assert os.path.samefile(run_tokenizer({"config": {"data": {"train_prefixes": [prefix]}}}), world["tok"])

@@ -44,7 +44,7 @@ def check_run(out_dir, log: str, name: str, steps: int = 3) -> list[float]:
         tag = f.read().strip()
     assert tag == f"step{steps:08d}"
     files = os.listdir(os.path.join(ckpt, tag))
-    # every rank writes its share of the training state (mom_dist.train.sharded_state)
+    # every rank writes its share of the training state (mom_dist.checkpoint.shards)
     assert {"state_rank00000.safetensors", "state_rank00001.safetensors", "rng_rank00000.pt", "rng_rank00001.pt",
             "mom_state.json"} <= set(files), (name, files)
     assert log.count("mom-train: done: 3 steps") == 1, f"{name}: expected one done line (rank 0):\n{log[-3000:]}"

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from mom_dist.convert.checkpoints import consolidate
+from mom_dist.checkpoint.consolidate import consolidate
 from mom_dist.data.loader import write_token_documents
 from mom_dist.model import MoMModel
 from tests.dist_utils import ROOT, free_port, run_workers, worker_env

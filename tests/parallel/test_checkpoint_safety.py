@@ -224,7 +224,7 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(good_run, tmp_path):
 def test_rng_files_are_plain_tensors(tmp_path):
     import random
 
-    from mom_dist.train.checkpoint_files import UnsafeCheckpointFile, load_rng, save_rng
+    from mom_dist.checkpoint.safe_load import UnsafeCheckpointFile, load_rng, save_rng
 
     random.seed(5)
     torch.manual_seed(5)
@@ -262,7 +262,7 @@ def test_full_disk_names_the_path_and_keeps_latest(small_disk):
     failed = int(full.group(2))
     assert failed >= 2 and latest(out) == f"step{failed - 1:08d}"
     assert f"step{failed:08d}" not in os.listdir(out / "checkpoints")  # the partial one is removed
-    from mom_dist.convert.checkpoints import consolidate
+    from mom_dist.checkpoint.consolidate import consolidate
     assert consolidate(str(out))[2]["step"] == failed - 1  # the kept checkpoint is whole
 
 

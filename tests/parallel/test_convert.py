@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from mom_dist.convert.export import export_hf, export_hf_gpt2, export_run, load_exported
+from mom_dist.checkpoint.exported import export_run
+from mom_dist.checkpoint.sources import load_exported
+from mom_dist.convert.hf import export_hf, export_hf_gpt2
 from mom_dist.data.loader import write_token_documents
 from tests.dist_utils import ROOT, run_workers
 from tests.parallel.test_layout_invariance import BASE, CASES, params
@@ -101,7 +103,7 @@ def test_mom_eval_and_convert_clis(tmp_path):
 
 def test_phase2_from_our_vanilla_run_and_from_hf(tmp_path):
     from mom_dist.config import load_config
-    from mom_dist.convert.checkpoints import init_from_source
+    from mom_dist.checkpoint.sources import init_from_source
     from mom_dist.model import MoMModel
 
     vanilla_run = trained(tmp_path, "v", 1, VANILLA)

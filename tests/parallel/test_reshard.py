@@ -25,8 +25,9 @@ import os
 import pytest
 import torch
 
-from mom_dist.convert.checkpoints import consolidate, init_from_source
-from mom_dist.convert.export import export_run
+from mom_dist.checkpoint.consolidate import consolidate
+from mom_dist.checkpoint.exported import export_run
+from mom_dist.checkpoint.sources import init_from_source
 from tests.dist_utils import run_workers
 from tests.parallel.test_layout_invariance import BASE, CASES, params
 

@@ -4,7 +4,8 @@ any range of the global tensors; gaps, missing rank files and foreign files are 
 import pytest
 import torch
 
-from mom_dist.train.sharded_state import ShardedState, rank_file, write_pieces
+from mom_dist.checkpoint.layout import rank_file
+from mom_dist.checkpoint.shards import ShardedState, write_pieces
 
 
 def write(tmp_path, world, cuts, full, extra_rank=None):

@@ -186,5 +186,44 @@ def train_once(args: dict) -> dict:
     return {"losses": res.losses, "steps_done": res.steps_done, "valid": res.valid_loss}
 
 
+def legacy_format(args: dict) -> dict:
+    """A checkpoint in DeepSpeed's own format, written as mom_dist wrote it before the layout-free
+    format (commit 463e3d8): ``engine.save_checkpoint`` files, RNG files holding
+    ``{"torch": state, "python": random.getstate()}``, ``mom_state.json`` with no format mark nor
+    engine counters. Trains ``args["steps"]`` steps uninterrupted (``full``), then the first half
+    into ``legacy`` and saves it that way, then resumes it with this code to the end."""
+    import json
+    import random
+
+    from mom_dist.config import load_config
+    from mom_dist.parallel.dims import build_parallel_dims
+    from mom_dist.train.trainer import train
+
+    rank, steps = dist.get_rank(), args["steps"]
+    out = {name: os.path.join(args["dump"], name) for name in ("full", "legacy")}
+    ovr = args["overrides"] + [f"train.steps={steps}", "train.save_interval=0"]
+    full = train(load_config(args["config"], ovr + [f"train.out_dir={out['full']}"]), log=lambda *a: None)
+    cfg = load_config(args["config"], ovr + [f"train.out_dir={out['legacy']}", f"train.stop_after={steps // 2}"])
+    first = train(cfg, log=lambda *a: None)
+    dims = build_parallel_dims(cfg.parallel.ep_size)
+    tag, ckpts = f"step{first.steps_done:08d}", os.path.join(out["legacy"], "checkpoints")
+    first.engine.save_checkpoint(ckpts, tag=tag, save_latest=False)
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
+               os.path.join(ckpts, tag, f"rng_rank{rank:05d}.pt"))
+    torch.save(_global_params(first.engine.module, dims), os.path.join(args["dump"], f"saved_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(ckpts, tag, "mom_state.json"), "w") as f:
+            json.dump({"step": first.steps_done, "consumed_samples": first.steps_done * cfg.train.global_batch_size,
+                       "layout": {"world_size": dims.world_size, "ep_size": dims.ep_size}, "config": cfg.to_dict()},
+                      f, indent=1, default=str)
+        with open(os.path.join(ckpts, "latest"), "w") as f:
+            f.write(tag)
+    dist.barrier()
+    logs = []
+    resumed = train(load_config(args["config"], ovr + [f"train.out_dir={out['legacy']}"]), log=logs.append)
+    return {"full": full.losses, "first": first.losses, "resumed": resumed.losses, "log": logs,
+            "files": sorted(os.listdir(os.path.join(ckpts, tag)))}
+
+
 if __name__ == "__main__":
     worker_main(globals())

@@ -1,17 +1,14 @@
-"""Exported models: one directory, one plain ``MoMModel``, no DeepSpeed needed to read it.
+"""transformers directories: a ``MoMModel`` written as one, and read back.
 
-    <dir>/mom_config.json    the model config (``ModelConfig`` fields)
-    <dir>/model.safetensors  the plain state dict (pool tensors stacked over all modules)
-    <dir>/tokenizer.model    the SentencePiece model the training data was made with (when known)
-
-``export_run`` turns a training run (any layout) into one; ``load_exported`` reads it back.
 ``export_hf`` writes a self-contained transformers directory (needs torch + transformers only):
 the vanilla special case as a stock ``GPT2LMHeadModel``; a routed MoM as ``MoMForCausalLM`` /
 ``MoMForSequenceClassification``, whose code travels in the directory (``trust_remote_code``).
 Both get the tokenizer (``AutoTokenizer``, remote code ``tokenization_mom.py``),
 ``generation_config.json`` with our end-of-document id, and the maximum length.
-``load_source`` reads any of the three (run, export, transformers directory) back as a
-``MoMModel`` plus its tokenizer path.
+``read_hf_dir`` reads such a directory (or a Hugging Face GPT-2) back as a model config and a
+plain state dict; ``mom_dist.checkpoint.sources.load_source`` uses it. The tokenizer checks
+and the output-directory check here are shared with our exported directories
+(``mom_dist.checkpoint.exported``).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import shutil
 import torch
 
 from mom_dist.config_utils import from_dict
-from mom_dist.convert.checkpoints import consolidate
 from mom_dist.convert.gpt2 import hf_from_layers, layers_from_hf, layers_from_mom, mom_from_layers
 from mom_dist.model import MoMModel
 from mom_dist.model.config import ModelConfig, gpt2_config
@@ -34,62 +30,13 @@ HF_REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def _refuse_existing(out_dir: str, overwrite: bool) -> None:
+def refuse_existing(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"'{out_dir}' exists and is not empty; choose another output or pass --overwrite")
 
 
-def save_exported(out_dir: str, cfg: ModelConfig, state_dict: dict, *, overwrite: bool = False,
-                  tokenizer: str | None = None) -> str:
-    from safetensors.torch import save_file
-
-    _refuse_existing(out_dir, overwrite)
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, cfg.vocab_size)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "mom_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(out_dir, "model.safetensors"))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
-    return out_dir
-
-
-def run_tokenizer(state: dict) -> str | None:
-    """The tokenizer a training run's data was made with: ``data.tokenizer_model`` of its config,
-    else the ``tokenizer_model`` that mom-preprocess recorded next to its first data prefix."""
-    data = (state.get("config") or {}).get("data") or {}
-    if data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
-        return os.path.abspath(data["tokenizer_model"])
-    prefixes = []
-    for key in ("train_prefixes", "valid_prefixes"):  # a list, or one prefix as a string
-        value = data.get(key) or []
-        prefixes += [value] if isinstance(value, str) else list(value)
-    for prefix in prefixes:
-        try:
-            with open(prefix + ".meta.json") as f:
-                rel = json.load(f).get("tokenizer_model")
-        except (OSError, ValueError):
-            continue
-        if rel:
-            path = os.path.join(os.path.dirname(os.path.abspath(prefix)), rel)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False,
-               tokenizer: str | None = None) -> str:
-    cfg, sd, state = consolidate(run_dir, tag)
-    return save_exported(out_dir, cfg, sd, overwrite=overwrite, tokenizer=tokenizer or run_tokenizer(state))
-
-
-def load_exported(path: str, dtype: torch.dtype = torch.float32) -> MoMModel:
-    """A ``MoMModel`` from an exported, transformers or training-run directory."""
-    return load_source(path, dtype)[0]
-
-
-def _read_safetensors(path: str) -> dict:
+def read_safetensors_dir(path: str) -> dict:
+    """Every ``model*.safetensors`` of a directory, as one state dict."""
     from safetensors.torch import load_file
 
     files = sorted(glob.glob(os.path.join(path, "model*.safetensors")))
@@ -101,33 +48,7 @@ def _read_safetensors(path: str) -> dict:
     return sd
 
 
-def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel, str | None]:
-    """(model, tokenizer path or None) from a run directory (or one of its checkpoints), a
-    ``mom-convert export`` directory, or a ``mom-convert to-hf`` directory (MoM or GPT-2)."""
-    if not os.path.isdir(path):
-        raise ValueError(f"'{path}' is not a directory: pass a run directory, a mom-convert export "
-                         "directory or a mom-convert to-hf directory")
-    tok = os.path.join(path, TOKENIZER_FILE)
-    tok = tok if os.path.isfile(tok) else None
-    if os.path.exists(os.path.join(path, "mom_config.json")):
-        with open(os.path.join(path, "mom_config.json")) as f:
-            cfg = from_dict(ModelConfig, json.load(f), "model.")
-        cfg.validate()
-        sd = _read_safetensors(path)
-    elif _is_hf_dir(path):
-        cfg, sd = _from_hf_dir(path)
-        if is_vanilla(cfg):  # a GPT-2 has no routers; the vanilla schedule's picks do not use them
-            own = MoMModel(cfg).state_dict()
-            sd = {**{k: v for k, v in own.items() if "_router." in k}, **sd}
-    else:
-        cfg, sd, state = consolidate(path)
-        tok = run_tokenizer(state)
-    model = MoMModel(cfg)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return model.to(dtype).eval(), tok
-
-
-def _is_hf_dir(path: str) -> bool:
+def is_hf_dir(path: str) -> bool:
     """A transformers directory (config.json with a model_type; a run's config.json has none)."""
     try:
         with open(os.path.join(path, "config.json")) as f:
@@ -136,17 +57,19 @@ def _is_hf_dir(path: str) -> bool:
         return False
 
 
-def _from_hf_dir(path: str) -> tuple[ModelConfig, dict]:
+def read_hf_dir(path: str) -> tuple[ModelConfig, dict]:
+    """(model config, plain state dict) of a transformers directory written by ``export_hf``, or
+    of a Hugging Face GPT-2 (as a vanilla MoM; its routers are not in the state dict)."""
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     kind = hf.get("model_type")
     if kind == "mom":
         cfg = from_dict(ModelConfig, _known_fields(hf["mom"]), "model.")
         cfg.validate()
-        sd = {k[len("model."):]: v for k, v in _read_safetensors(path).items() if k.startswith("model.")}
+        sd = {k[len("model."):]: v for k, v in read_safetensors_dir(path).items() if k.startswith("model.")}
         return cfg, sd
     if kind == "gpt2":
-        embed, layers = layers_from_hf(_read_safetensors(path))
+        embed, layers = layers_from_hf(read_safetensors_dir(path))
         cfg = gpt2_config(hf["n_embd"], hf["n_head"], len(layers), vocab_size=hf["vocab_size"],
                           max_seq_len=hf["n_positions"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
         return cfg, mom_from_layers(embed, layers, cfg)
@@ -235,7 +158,7 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
 
     from mom_dist.convert.hf_remote.configuration_mom import MoMConfig
 
-    _refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite)
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.cfg.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -263,7 +186,7 @@ def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, to
     if not is_vanilla(cfg):
         raise ValueError("only the vanilla special case (diagonal schedule, top_k=1, no SKIP) is a GPT-2; "
                          "export a routed MoM with export_hf (MoMForCausalLM, trust_remote_code)")
-    _refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg.vocab_size)
     embed, layers = layers_from_mom(model.state_dict(), cfg)

@@ -13,7 +13,8 @@ rank's modules, a ZeRO partition fragment, a replica's share - is one range [sta
 
 Ranks write the pieces they own; readers find the pieces overlapping the range they need in
 their own layout (``ShardedState.read``), reading only those bytes. safetensors holds no code,
-so loading a checkpoint never unpickles anything.
+so loading a checkpoint never unpickles anything. Every shard file is written by ``write_shard``
+and opened by ``open_shard``: checks of a whole file (checksums) belong there.
 """
 
 from __future__ import annotations
@@ -24,22 +25,37 @@ import os
 
 import torch
 
+from mom_dist.checkpoint.layout import rank_file
+
 FORMAT = "mom_dist.sharded.v1"
 
 
-def rank_file(tag_dir: str, rank: int) -> str:
-    return os.path.join(tag_dir, f"state_rank{rank:05d}.safetensors")
+def write_shard(path: str, tensors: dict, metadata: dict) -> None:
+    """Write one shard file (the only place one is written)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+
+
+def open_shard(path: str):
+    """Open one shard file for reading slices (the only place one is opened); its metadata
+    must say it is a shard of this format."""
+    from safetensors import safe_open
+
+    f = safe_open(path, framework="pt")
+    meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not a mom_dist checkpoint file (format {meta.get('format')!r})")
+    return f
 
 
 def write_pieces(tag_dir: str, rank: int, world: int, pieces: list, shapes: dict, steps: dict) -> int:
     """Write this rank's pieces [(kind, name, global start, 1-D tensor)]; returns bytes written."""
-    from safetensors.torch import save_file
-
     tensors = {f"{kind}:{name}:{start}": t.detach().reshape(-1).clone() for kind, name, start, t in pieces}
     meta = {"format": FORMAT, "rank": str(rank), "world": str(world),
             "shapes": json.dumps({k: list(v) for k, v in shapes.items()}), "steps": json.dumps(steps)}
     path = rank_file(tag_dir, rank)
-    save_file(tensors, path, metadata=meta)
+    write_shard(path, tensors, meta)
     return os.path.getsize(path)
 
 
@@ -48,8 +64,6 @@ class ShardedState:
     world left by an earlier, interrupted save of the same tag are ignored)."""
 
     def __init__(self, tag_dir: str, world: int):
-        from safetensors import safe_open
-
         self.tag_dir = tag_dir
         self.shapes: dict[str, list] = {}
         self.steps: dict[str, int] = {}
@@ -60,10 +74,8 @@ class ShardedState:
             if not os.path.exists(path):
                 raise ValueError(f"checkpoint '{tag_dir}' lacks {os.path.basename(path)} (written by {world} "
                                  "ranks); it is incomplete: point 'latest' at a complete checkpoint")
-            f = safe_open(path, framework="pt")
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"'{path}' is not a mom_dist checkpoint file (format {meta.get('format')!r})")
+            f = open_shard(path)
+            meta = f.metadata()
             self._files.append(f)
             self.shapes.update({k: list(v) for k, v in json.loads(meta["shapes"]).items()})
             for name, step in json.loads(meta["steps"]).items():

@@ -5,9 +5,9 @@ anything its author put in it. Every read of ours goes through ``load_plain``: t
 without executing it (anything but the three plain DeepSpeed types below is refused, naming
 it), then ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts) reads it.
 DeepSpeed's own loader unpickles its files fully; before the trainer hands a checkpoint to it,
-``verify_plain`` reads every ``.pt`` file of that checkpoint the safe way, so a file that would
-run code is refused before DeepSpeed sees it - and DeepSpeed only ever loads from the run's own
-``out_dir``.
+``verify_plain`` reads every ``.pt`` file of that checkpoint the safe way (``verify_plain_all``:
+each rank a share, all learning the first problem), so a file that would run code is refused
+before DeepSpeed sees it - and DeepSpeed only ever loads from the run's own ``out_dir``.
 
 RNG files (``rng_rank00003.pt``) hold plain tensors: torch's CPU (and CUDA) generator state and
 Python's ``random`` state as an int64 tensor.
@@ -20,6 +20,7 @@ import pickle
 import random
 
 import torch
+import torch.distributed as dist
 
 
 # Types DeepSpeed 0.19 pickles into its ZeRO optimizer files: data only (a loss-scale record,
@@ -68,6 +69,22 @@ def verify_plain(tag_dir: str, rank: int = 0, world_size: int = 1) -> None:
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(tag_dir) for f in names if f.endswith(".pt"))
     for path in files[rank::world_size]:
         load_plain(path)
+
+
+def verify_plain_all(tag_dir: str, rank: int, world_size: int) -> None:
+    """``verify_plain`` shared by the ranks (a collective when distributed): every rank raises
+    the first problem any rank found."""
+    error = None
+    try:
+        verify_plain(tag_dir, rank, world_size)
+    except ValueError as e:
+        error = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ValueError(error)
 
 
 def save_rng(path: str) -> None:

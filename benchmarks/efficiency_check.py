@@ -39,14 +39,19 @@ aten = torch.ops.aten
 
 
 def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
-    """FlopCounterMode, plus torch's SDPA formulas for the CPU flash kernel (unregistered in torch)."""
+    """FlopCounterMode, plus torch's SDPA formulas for the CPU flash kernel and a formula for
+    ``_grouped_mm`` (the module pools on GPUs), which torch does not register."""
     fc = torch.utils.flop_counter
     mapping = {
-        aten._scaled_dot_product_flash_attention_for_cpu:
+        # x (M, K) @ w (G, K, N) -> (M, N), or the weight gradient x^T (K, M) @ g (M, N) -> (G, K, N):
+        # 2 x contracted x output elements of one group
+        getattr(aten, "_grouped_mm", None): lambda a, b, *args, out_shape=None, **kw: 2 * a[-1] * out_shape[-1] * out_shape[-2],
+        getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None):
             lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None):
             lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v),
     }
+    mapping = {op: f for op, f in mapping.items() if op is not None}
     return fc.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
@@ -193,7 +198,56 @@ def with_checkpointing(m: ModelConfig, on: bool) -> ModelConfig:
     return m
 
 
+def device_check(configs: dict, device: str = "cuda", batch: int = 1, seq: int = 1024) -> None:
+    """Models on a GPU in bf16: FLOPs (FlopCounterMode) and the device memory a training forward
+    leaves allocated, against the prediction (which counts the CPU kernels' saved tensors; the
+    fused CUDA GRU cell keeps 2 r less per router step)."""
+    name_of = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"\n{name_of}, torch {torch.__version__}, bf16 weights, batch {batch} x {seq}, forced routing, no SKIP\n")
+    print(HEADER)
+    for name, m in configs.items():
+        cfg = copy.deepcopy(m)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = MoMModel(cfg).to(torch.bfloat16).train()
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+        for ac in (False, True):
+            cfg.activation_checkpointing = ac  # the model's blocks and chunks read this config
+            with forced_picks(rotating(None)):
+                sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+                used = torch.cuda.memory_allocated if device == "cuda" else (lambda: float("nan"))
+                sync()
+                before = used()
+                out = model(ids, ids)
+                sync()
+                held = used() - before
+                del out
+                counter = flop_counter()
+                with counter:
+                    out = model(ids, ids)
+                fwd = counter.get_total_flops()
+                counter = flop_counter()
+                with counter:
+                    out.loss.backward()
+                bwd = counter.get_total_flops()
+                del out
+                model.zero_grad(set_to_none=True)
+            pred = efficiency(cfg, batch, seq, skip_rows_computed=True)
+            r = dict(fwd_flops=fwd / (batch * seq), train_flops=(fwd + bwd) / (batch * seq), fwd_bytes=held,
+                     skip_attn=0.0, skip_ffn=0.0, pred_fwd_flops=pred.forward_flops.total,
+                     pred_train_flops=pred.training_flops.total, pred_fwd_bytes=pred.bf16.forward_activations)
+            print(row(name, ac, "bf16", r), flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
+    if "--gpu" in sys.argv:  # the paper configs on the GPU machine (python3 benchmarks/efficiency_check.py --gpu)
+        from mom_dist.config import load_config
+        device_check({name: load_config(os.path.join(ROOT, "configs", "paper", f"{name}.yaml")).model
+                      for name in ("gpt2-large", "mom-large-deep", "mom-large-shallow")})
+        return
     batch, seq = 2, 64
     print(f"Predicted (`mom_dist.plan.efficiency`) vs measured, CPU, batch {batch} x {seq} tokens, "
           f"torch {torch.__version__}. FLOPs per token; forward memory in KiB.\n")

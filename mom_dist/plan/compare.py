@@ -21,8 +21,8 @@ COUNTED = ("FLOPs: every matmul per token as torch's FlopCounterMode counts it (
            "Training = forward + backward (+ the recomputed forward with activation checkpointing).")
 MEMORY = ("Memory: forward activations = what one training forward of the batch keeps for backward (autograd's "
           "saved tensors, checkpoint inputs, logits, fp32 log-softmax); training = one GPU, ep_size 1, ZeRO 0: "
-          "weights + gradients + optimizer (AdamW states, + fp32 master weights and gradients in bf16) + forward "
-          "activations + the fp32 logit-gradient temporaries. KV cache = the keys and values generation caches for the "
+          "weights + gradients + optimizer (AdamW states, + fp32 master weights and gradients in bf16: 20 bytes per "
+          "parameter against fp32's 16) + forward activations + the fp32 logit-gradient temporaries. KV cache = the keys and values generation caches for the "
           "batch (one cache per attention that runs: dense blocks and routing steps).")
 
 
@@ -68,14 +68,19 @@ def _rel(x: float, base: float) -> str:
     return f"{x / base - 1:+.0%}" if base else "-"
 
 
+def _num(x: float, decimals: int) -> str:
+    """Fixed decimals at paper scale; three significant digits for the small models of tests."""
+    return f"{x:,.{decimals}f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
+
+
 def row(e: Efficiency, first: Efficiency) -> list[str]:
     f = e.forward_flops
-    return [e.name, f"{e.params_total / 1e6:,.1f}", f"{e.params_activated / 1e6:,.1f}", str(e.depth),
-            f"{e.modules_per_token:.1f}", f"{f.total / 1e9:.3f}", f"{f.attention_core / f.total:.0%}",
-            f"{f.total * e.tokens / 1e12:.2f}", f"{e.training_flops.total / 1e9:.3f}",
+    return [e.name, _num(e.params_total / 1e6, 1), _num(e.params_activated / 1e6, 1), str(e.depth),
+            f"{e.modules_per_token:.1f}", _num(f.total / 1e9, 3), f"{f.attention_core / f.total:.0%}",
+            _num(f.total * e.tokens / 1e12, 2), _num(e.training_flops.total / 1e9, 3),
             "on" if e.checkpointing else "off",
-            f"{e.bf16.forward_activations / GIB:.2f}", f"{e.fp32.forward_activations / GIB:.2f}",
-            f"{e.bf16.training / GIB:.2f}", f"{e.fp32.training / GIB:.2f}", f"{e.bf16.kv_cache / GIB:.2f}",
+            _num(e.bf16.forward_activations / GIB, 2), _num(e.fp32.forward_activations / GIB, 2),
+            _num(e.bf16.training / GIB, 2), _num(e.fp32.training / GIB, 2), _num(e.bf16.kv_cache / GIB, 2),
             _rel(e.depth, first.depth), _rel(f.total, first.forward_flops.total),
             _rel(e.bf16.forward_activations, first.bf16.forward_activations), _rel(e.bf16.kv_cache, first.bf16.kv_cache)]
 
@@ -90,8 +95,8 @@ def notes(rows: list[Efficiency]) -> list[str]:
         out.append(f"{e.name}: SKIP as measured by {e.skip_source}: {e.skip_attn:.1%} of attention and "
                    f"{e.skip_ffn:.1%} of FFN picks, which cost nothing here (dropless expert-parallel dispatch); "
                    f"forward memory with SKIP is an estimate (module rows scaled). At ep_size 1 the local dispatcher "
-                   f"computes SKIP picks as padding rows: {e.ep1_forward_flops / 1e9:.3f} GFLOP/token forward, "
-                   f"{e.ep1_forward_activations_bf16 / GIB:.2f} GiB forward activations in bf16.")
+                   f"computes SKIP picks as padding rows: {_num(e.ep1_forward_flops / 1e9, 3)} GFLOP/token forward, "
+                   f"{_num(e.ep1_forward_activations_bf16 / GIB, 2)} GiB forward activations in bf16.")
     return out
 
 

@@ -45,7 +45,8 @@ def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
     mapping = {
         # x (M, K) @ w (G, K, N) -> (M, N), or the weight gradient x^T (K, M) @ g (M, N) -> (G, K, N):
         # 2 x contracted x output elements of one group
-        getattr(aten, "_grouped_mm", None): lambda a, b, *args, out_shape=None, **kw: 2 * a[-1] * out_shape[-1] * out_shape[-2],
+        getattr(aten, "_grouped_mm", None):
+            lambda a, b, *args, out_shape=None, **kw: 2 * a[-1] * out_shape[-1] * out_shape[-2],
         getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None):
             lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v),
         getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None):
@@ -269,8 +270,9 @@ def main() -> None:
                 print(row(name + ", all-to-all dispatch", ac, "fp32", r))
 
 
-HEADER = ("| case | AC | precision | SKIP attn / ffn | fwd FLOPs pred | measured | diff | train FLOPs pred | measured | "
-          "diff | fwd KiB pred | measured | diff |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| case | AC | precision | SKIP attn / ffn | fwd FLOPs pred | measured | diff | train FLOPs pred "
+          "| measured | diff | fwd KiB pred | measured | diff |\n"
+          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def row(name: str, ac: bool, precision: str, r: dict) -> str:

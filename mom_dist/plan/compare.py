@@ -21,9 +21,10 @@ COUNTED = ("FLOPs: every matmul per token as torch's FlopCounterMode counts it (
            "Training = forward + backward (+ the recomputed forward with activation checkpointing).")
 MEMORY = ("Memory: forward activations = what one training forward of the batch keeps for backward (autograd's "
           "saved tensors, checkpoint inputs, logits, fp32 log-softmax); training = one GPU, ep_size 1, ZeRO 0: "
-          "weights + gradients + optimizer (AdamW states, + fp32 master weights and gradients in bf16: 20 bytes per "
-          "parameter against fp32's 16) + forward activations + the fp32 logit-gradient temporaries. KV cache = the keys and values generation caches for the "
-          "batch (one cache per attention that runs: dense blocks and routing steps).")
+          "weights + gradients + optimizer (AdamW states, + fp32 master weights and gradients in bf16: 20 bytes "
+          "per parameter against fp32's 16) + forward activations + the fp32 logit-gradient temporaries. KV cache "
+          "= the keys and values generation caches for the batch (one cache per attention that runs: dense blocks "
+          "and routing steps).")
 
 
 def load_entry(path: str, overrides: list[str]) -> tuple[str, Config, RoutingProfile | None]:
@@ -82,7 +83,8 @@ def row(e: Efficiency, first: Efficiency) -> list[str]:
             _num(e.bf16.forward_activations / GIB, 2), _num(e.fp32.forward_activations / GIB, 2),
             _num(e.bf16.training / GIB, 2), _num(e.fp32.training / GIB, 2), _num(e.bf16.kv_cache / GIB, 2),
             _rel(e.depth, first.depth), _rel(f.total, first.forward_flops.total),
-            _rel(e.bf16.forward_activations, first.bf16.forward_activations), _rel(e.bf16.kv_cache, first.bf16.kv_cache)]
+            _rel(e.bf16.forward_activations, first.bf16.forward_activations),
+            _rel(e.bf16.kv_cache, first.bf16.kv_cache)]
 
 
 def notes(rows: list[Efficiency]) -> list[str]:

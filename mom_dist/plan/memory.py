@@ -10,8 +10,10 @@ alignment padding) against a live engine in ``tests/plan/test_plan_measured.py``
 - ZeRO 1/2: an fp32 master partition (4 bytes) and the two AdamW states (8 bytes) of
   P_n / DP + (P_m / EP) / EDP parameters (DP = world, EDP = world / EP).
 
-Gradients and activations are estimates (see ``gradient_bytes``, ``activation_bytes`` and
-``logits_bytes``).
+Activations are counted from the tensors each operation saves (``forward_activation_bytes``)
+and checked against the CPU allocator within 2% for ep_size 1 (``tests/plan/test_efficiency.py``);
+gradients (``gradient_bytes``), the backward's logit gradient (``logits_bytes``) and activations
+at ep_size > 1 are estimates.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def forward_activation_bytes(m: ModelConfig, micro_batch: int, seq_len: int, pre
     dispatcher's buffers (ep_size > 1: rows scaled by the non-SKIP share, an estimate).
     """
     a = width(precision)
-    T, d, C, S = micro_batch * seq_len, m.d_model, m.n_classes, seq_len
+    T, d, C = micro_batch * seq_len, m.d_model, m.n_classes
     ac = checkpointing
     n_blocks = m.n_bottom + m.n_top + (m.n_chunks if m.anchor else 0)
     blocks = n_blocks * (T * d * a + RNG_STATE_BYTES if ac else T * (16 * d * a + (4 + m.n_heads) * 4))

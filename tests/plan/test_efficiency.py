@@ -45,7 +45,8 @@ MEASURED = [
 ]
 
 
-@pytest.mark.parametrize("case,ac,precision", MEASURED, ids=[f"{c}-{'ac' if a else 'noac'}-{p}" for c, a, p in MEASURED])
+@pytest.mark.parametrize("case,ac,precision", MEASURED,
+                         ids=[f"{c}-{'ac' if a else 'noac'}-{p}" for c, a, p in MEASURED])
 def test_flops_and_forward_memory_match_measurement(case, ac, precision):
     m, skip = check.CASES[case]
     r = check.measure(check.with_checkpointing(m, ac), 2, 32, precision=precision, skip=skip)

@@ -8,7 +8,7 @@ from mom_dist.config import load_config
 from mom_dist.model import MoMModel
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml") + glob.glob("configs/paper/*.yaml")))
 def test_every_preset_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.model.depth >= 1

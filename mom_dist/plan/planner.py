@@ -34,9 +34,9 @@ class Assumptions:
     def lines(self, cluster: ClusterConfig, profile: RoutingProfile) -> list[str]:
         return [
             f"compute: {self.mfu:.0%} of peak {cluster.peak_bf16_tflops:g} TFLOP/s per GPU (bf16; fp32 as TF32 at half "
-            "of it); FLOPs = "
-            "6 x matmul weights met per token (K picks x non-SKIP share per routing step, tied LM head) + 6 x S x d "
-            "per causal attention core; x 8/6 with activation checkpointing (forward recomputed)",
+            "of it); FLOPs = every matmul of forward + backward (K picks x non-SKIP share per routing step, routers, "
+            "tied LM head, causal attention cores at S/2 keys per query), + the recomputed forward with activation "
+            "checkpointing (mom_dist.plan.model_size)",
             f"routing: {profile.source}; the busiest EP rank's module compute and received bytes scale with its "
             "share of the picks (EP load imbalance)",
             f"links: {self.bw_efficiency:.0%} of {cluster.intra_node_gbps:g} Gbit/s inside a node and "
@@ -186,7 +186,8 @@ def _estimate(cfg, cluster, a, counts, profile, ep, zero, mb, ga, ac, usable, pe
     # compute: every rank runs its micro-batches; module compute waits for the busiest EP rank
     fl = flops_per_token(m, t.seq_len, skip_a, skip_f, recompute=ac)
     tokens_rank = tokens_mb * ga
-    compute_s = tokens_rank * (fl.total - fl.modules + fl.modules * imb) / (peak * a.mfu)
+    routed = fl.modules + fl.gathers  # runs on the module's EP rank: waits for the busiest one
+    compute_s = tokens_rank * (fl.total - routed + routed * imb) / (peak * a.mfu)
     # all-to-all: forward payload + control, backward payload again, per micro-batch
     per_mb = a2a_bytes_per_microbatch(m, profile, tokens=tokens_mb, ep=ep, precision=t.precision,
                                       dispatcher=cfg.parallel.dispatcher, capacity_factor=cfg.parallel.capacity_factor)

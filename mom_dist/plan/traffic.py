@@ -154,15 +154,17 @@ def a2a_bytes_per_microbatch(m: ModelConfig, profile: RoutingProfile, *, tokens:
 
 
 # ------------------------------------------------------------------ measured routing
-def read_routing(run_dir: str, m: ModelConfig) -> RoutingProfile:
+def read_routing(run_dir: str, m: ModelConfig, label: str | None = None) -> RoutingProfile:
     """Pick shares from the newest ``routing`` record of ``RUN_DIR/metrics.jsonl``.
 
     Reads per (chunk, step, pool) entries with a ``load`` list (picks per module) and a
-    ``skip_rate``; other keys (more detail a newer trainer writes) are ignored.
+    ``skip_rate``; other keys (more detail a newer trainer writes) are ignored. Errors start
+    with ``label`` (default ``--routing RUN_DIR``).
     """
+    where = label or f"--routing {run_dir}"
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise ValueError(f"--routing {run_dir}: no metrics.jsonl there; pass the out_dir of a training run "
+        raise ValueError(f"{where}: no metrics.jsonl there; pass the out_dir of a training run "
                          "(one that reached train.telemetry_interval)")
     last = None
     with open(path) as f:
@@ -174,20 +176,20 @@ def read_routing(run_dir: str, m: ModelConfig) -> RoutingProfile:
             if isinstance(rec, dict) and rec.get("kind") == "routing":
                 last = rec
     if last is None:
-        raise ValueError(f"--routing {run_dir}: metrics.jsonl holds no routing telemetry yet; train past "
+        raise ValueError(f"{where}: metrics.jsonl holds no routing telemetry yet; train past "
                          "train.telemetry_interval steps first")
     entries = last.get("detail", last.get("per_step"))
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--routing {run_dir}: the routing record at step {last.get('step')} has no per-step "
+        raise ValueError(f"{where}: the routing record at step {last.get('step')} has no per-step "
                          "'detail' list")
     steps = []
     for e in entries:
         pool, load = e.get("pool"), e.get("load")
         n = {"attn": m.n_attn_modules, "ffn": m.n_ffn_modules}.get(pool)
         if n is None or not isinstance(load, list):
-            raise ValueError(f"--routing {run_dir}: unreadable routing entry {str(e)[:80]}")
+            raise ValueError(f"{where}: unreadable routing entry {str(e)[:80]}")
         if len(load) != n:
-            raise ValueError(f"--routing {run_dir}: the run had {len(load)} {pool} modules per chunk but the config "
+            raise ValueError(f"{where}: the run had {len(load)} {pool} modules per chunk but the config "
                              f"has {n}; plan with the run's own config")
         skip = float(e.get("skip_rate", 0.0))
         picks = sum(load)
@@ -195,5 +197,5 @@ def read_routing(run_dir: str, m: ModelConfig) -> RoutingProfile:
         steps.append(StepShares(pool, shares, skip))
     for pool in ("attn", "ffn"):
         if not any(s.pool == pool for s in steps):
-            raise ValueError(f"--routing {run_dir}: no {pool} entries in the routing record")
+            raise ValueError(f"{where}: no {pool} entries in the routing record")
     return RoutingProfile(f"{run_dir} (routing telemetry of step {last.get('step')})", steps)

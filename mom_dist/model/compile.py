@@ -59,6 +59,16 @@ def compile_stats() -> dict:
             "break_reasons": {why.splitlines()[0][:160]: n for why, n in breaks.items()}}
 
 
+def reset_compiler() -> None:
+    """Forget every compiled graph and zero the counters (benchmarks and tests compile several
+    models in one process)."""
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    clear_compilation_metrics()
+
+
 def compile_summary(stats: dict | None = None) -> str:
     """One log line from ``compile_stats()``."""
     s = stats or compile_stats()

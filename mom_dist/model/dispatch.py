@@ -56,13 +56,18 @@ class Groups:
         """(M, N_local) row -> module indicator, zero on padding rows. Per-module vectors are
         gathered as ``onehot @ stacked`` (a GEMM whose backward is a GEMM, unlike index_select's
         scatter-add backward, which serialises on a handful of rows)."""
-        if self._onehot is None or self._onehot.dtype != dtype:
-            n = self.ends_N.shape[0]
-            hot = self.module_M.unsqueeze(-1) == torch.arange(n, device=self.module_M.device)
-            if self.valid_M is not None:
-                hot = hot & self.valid_M.unsqueeze(-1)
-            self._onehot = hot.to(dtype)
-        return self._onehot
+        if self._onehot is not None and self._onehot.dtype == dtype:
+            return self._onehot
+        n = self.ends_N.shape[0]
+        hot = self.module_M.unsqueeze(-1) == torch.arange(n, device=self.module_M.device)
+        if self.valid_M is not None:
+            hot = hot & self.valid_M.unsqueeze(-1)
+        hot = hot.to(dtype)
+        # Compiled, the compiler shares the computation itself; and storing the cache from inside
+        # activation checkpointing's region would be a side effect that breaks the graph there.
+        if not torch.compiler.is_compiling():
+            self._onehot = hot
+        return hot
 
     def mm_ends(self, n_rows: int) -> torch.Tensor:
         """Group ends for a grouped GEMM over all ``n_rows`` rows (padding joins the last group)."""

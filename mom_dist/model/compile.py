@@ -50,11 +50,12 @@ def compile_model(module: nn.Module, backend: str = "inductor") -> nn.Module:
 def compile_stats() -> dict:
     """Dynamo's counters for this process: graphs compiled, graph breaks (with their reasons)
     and recompilations (compiles of a function that already had a graph)."""
-    from torch._dynamo.utils import counters, get_compilation_metrics
+    from torch._dynamo import utils
 
-    breaks = dict(counters["graph_break"])
-    recompiles = sum(1 for m in get_compilation_metrics() if getattr(m, "recompile_reason", None))
-    return {"graphs": counters["stats"].get("unique_graphs", 0), "graph_breaks": sum(breaks.values()),
+    breaks = dict(utils.counters["graph_break"])
+    metrics = utils.get_compilation_metrics() if hasattr(utils, "get_compilation_metrics") else []
+    recompiles = sum(1 for m in metrics if getattr(m, "recompile_reason", None))
+    return {"graphs": utils.counters["stats"].get("unique_graphs", 0), "graph_breaks": sum(breaks.values()),
             "recompiles": recompiles,
             "break_reasons": {why.splitlines()[0][:160]: n for why, n in breaks.items()}}
 
@@ -62,11 +63,12 @@ def compile_stats() -> dict:
 def reset_compiler() -> None:
     """Forget every compiled graph and zero the counters (benchmarks and tests compile several
     models in one process)."""
-    from torch._dynamo.utils import clear_compilation_metrics, counters
+    from torch._dynamo import utils
 
     torch._dynamo.reset()
-    counters.clear()
-    clear_compilation_metrics()
+    utils.counters.clear()
+    if hasattr(utils, "clear_compilation_metrics"):
+        utils.clear_compilation_metrics()
 
 
 def compile_summary(stats: dict | None = None) -> str:

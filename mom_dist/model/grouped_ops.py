@@ -49,7 +49,9 @@ def _sizes(ends_N: torch.Tensor) -> list[int]:
     return [e - s for s, e in zip([0] + ends[:-1], ends)]
 
 
-@torch.library.custom_op("mom_dist::grouped_mm", mutates_args=())
+# (schemas spelled out: the same on every torch version, whatever its annotation parsing)
+@torch.library.custom_op("mom_dist::grouped_mm", mutates_args=(),
+                         schema="(Tensor x_MI, Tensor w_NIO, Tensor ends_N, bool kernel) -> Tensor")
 def grouped_mm(x_MI: torch.Tensor, w_NIO: torch.Tensor, ends_N: torch.Tensor, kernel: bool) -> torch.Tensor:
     """Row r times ``w[module of r]`` -> (M, O); ``kernel``: ``torch._grouped_mm``, else the loop."""
     if kernel:
@@ -62,7 +64,8 @@ def _(x_MI, w_NIO, ends_N, kernel):
     return x_MI.new_empty(x_MI.shape[0], w_NIO.shape[-1])
 
 
-@torch.library.custom_op("mom_dist::grouped_mm_weight_grad", mutates_args=())
+@torch.library.custom_op("mom_dist::grouped_mm_weight_grad", mutates_args=(),
+                         schema="(Tensor x_MI, Tensor dy_MO, Tensor ends_N, bool kernel) -> Tensor")
 def grouped_mm_weight_grad(x_MI: torch.Tensor, dy_MO: torch.Tensor, ends_N: torch.Tensor,
                            kernel: bool) -> torch.Tensor:
     """Gradient of the stacked weights: ``x_i^T @ dy_i`` per module -> (N, I, O); zero for a

@@ -37,7 +37,8 @@ from mom_dist.host_sync import to_host_list
 from mom_dist.model.dispatch import Groups, LocalDispatcher, LocalPlan, combine_local
 
 
-@torch.library.custom_op("mom_dist::all_to_all", mutates_args=())
+@torch.library.custom_op("mom_dist::all_to_all", mutates_args=(),  # schema spelled out: same on every torch
+                         schema="(Tensor x, SymInt[]? out_splits, SymInt[]? in_splits, str group_name) -> Tensor")
 def all_to_all(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
                group_name: str) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` (rows of ``x``; None: equal splits). A custom op so
@@ -146,6 +147,11 @@ class AllToAllDispatcher:
         pair_out = [sum(row[1:]) for row in host[0]]
         pair_in = [sum(row[1:]) for row in host[1]]
         n_send, n_pairs = sum(tok_out), sum(pair_out)
+        # Compiled, the counts are unbacked sizes: tell the compiler their ranges (eagerly: no-ops).
+        for count in (c for side in host for row in side for c in row):
+            torch._check(count >= 0)
+        torch._check(n_send <= big)
+        torch._check(n_pairs <= T * K)
         send_token = (send_order[:n_send] % T)
         pair_order = pair_order[:n_pairs]
         p_dst = dst_P[pair_order]

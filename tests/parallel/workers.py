@@ -86,9 +86,9 @@ def dispatch_parity(args: dict) -> dict:
 
 
 def compiled_parity(args: dict) -> dict:
-    """torch.compile (aot_eager) == eager through the all-to-all dispatcher, on steps whose
-    routing (and so every split size) changes: losses, gradients of this rank's parameters and
-    the all-to-all byte count; plus Dynamo's graph / break / recompile counters."""
+    """torch.compile (``args["backend"]``) == eager through the all-to-all dispatcher, on steps
+    whose routing (and so every split size) changes: losses, gradients of this rank's parameters
+    and the all-to-all byte count; plus Dynamo's graph / break / recompile counters."""
     import copy
 
     from mom_dist.model import ModelConfig, MoMModel, RouterConfig
@@ -98,7 +98,7 @@ def compiled_parity(args: dict) -> dict:
 
     dims = build_parallel_dims(2)
     cfg = ModelConfig(vocab_size=48, max_seq_len=8, d_model=16, n_heads=2, n_bottom=0, n_top=0,
-                      n_attn_modules=2, n_ffn_modules=4, n_steps=2, activation_checkpointing=True,
+                      n_attn_modules=2, n_ffn_modules=4, n_steps=args["n_steps"], activation_checkpointing=True,
                       attn_router=RouterConfig(dim=8, top_k=2, temperature=0.5),
                       ffn_router=RouterConfig(dim=8, top_k=1, temperature=0.5))
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def compiled_parity(args: dict) -> dict:
     for m in (model, ref):
         apply_expert_parallel(m, dims, args.get("capacity_factor"))
     reset_compiler()
-    compile_model(model, "aot_eager")
+    compile_model(model, args["backend"])
     gen = torch.Generator().manual_seed(10 + dims.rank)  # each rank routes its own tokens
     worst, splits, sent = 0.0, set(), []
     for i in range(args["steps"]):

@@ -116,7 +116,8 @@ def write(args, rows: list[str], done: bool, load: str) -> str:
         "`mom_dist.model.compile.compile_model` (inductor), what `train.compile=on` runs.",
         "",
         "| d | precision | params | compile s (cold cache) | compile s (warm cache) | eager step s (min..max) "
-        "| compiled step s (min..max) | speed-up | break-even steps | graphs | breaks | recompiles | first-step |loss diff| |",
+        "| compiled step s (min..max) | speed-up | break-even steps | graphs | breaks | recompiles "
+        "| first-step |loss diff| |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows, ""])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

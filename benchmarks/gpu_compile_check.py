@@ -53,8 +53,8 @@ CHECKS = [  # name, bf16 autocast, capacity factor, loss tolerance, gradient tol
 
 def config(args) -> ModelConfig:
     router = dict(kind="gru", dim=args.router_dim, top_k=1, temperature=0.5)
-    return ModelConfig(vocab_size=args.vocab, max_seq_len=args.seq, d_model=args.d_model, n_heads=max(1, args.d_model // 64),
-                       n_bottom=args.bottom, n_top=1, n_attn_modules=4, n_ffn_modules=4, n_steps=args.steps,
+    return ModelConfig(vocab_size=args.vocab, max_seq_len=args.seq, d_model=args.d_model,
+                       n_heads=max(1, args.d_model // 64), n_bottom=args.bottom, n_top=1, n_attn_modules=4, n_ffn_modules=4, n_steps=args.steps,
                        attn_router=RouterConfig(**router), ffn_router=RouterConfig(**dict(router, top_k=2)))
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="default 256 (smoke 16)")
     ap.add_argument("--batch", type=int, default=None, help="default 8 (smoke 2)")
     ap.add_argument("--steps-timed", type=int, default=None, help="training steps after the first (default 6)")
-    ap.add_argument("--budget-s", type=float, default=140.0, help="skip checks that would start after this")
+    ap.add_argument("--budget-s", type=float, default=100.0, help="seconds: checks that would start later are skipped")
     args = ap.parse_args()
     s = args.smoke
     args.d_model = args.d_model or (32 if s else 256)

@@ -5,9 +5,9 @@
 Reads top to bottom: start the process group and DeepSpeed's expert/data groups -> check the
 data against the model (before any collective) -> build the plain model with the same seed on
 every rank -> (phase 2) initialise it from a GPT-2 -> apply expert parallelism -> DeepSpeed
-engine -> torch.compile (``train.compile``) -> resume if a checkpoint exists -> loop over optimizer steps (each = gradient
-accumulation over this rank's micro-batches) with logging, telemetry, evaluation, checkpoints
-and preemption -> final checkpoint and validation perplexity.
+engine -> torch.compile (``train.compile``) -> resume if a checkpoint exists -> loop over
+optimizer steps (each = gradient accumulation over this rank's micro-batches) with logging,
+telemetry, evaluation, checkpoints and preemption -> final checkpoint and validation perplexity.
 
 Safety around that (docs/usage.md, "Checkpoint safety"): rank 0 locks ``out_dir`` before anything is
 written (``run_lock``); a resume that would change the computation is refused before anything

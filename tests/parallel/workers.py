@@ -123,7 +123,8 @@ def compiled_parity(args: dict) -> dict:
                         sum(c.dispatcher.bytes_sent for c in m.chunks)))
         (loss, grads, b), (loss_ref, grads_ref, b_ref) = res
         assert grads.keys() == grads_ref.keys() and len(grads) == len(list(ref.parameters()))
-        worst = max([worst, (loss - loss_ref).abs().item()] + [(grads[n] - grads_ref[n]).abs().max().item() for n in grads])
+        diffs = [(grads[n] - grads_ref[n]).abs().max().item() for n in grads]
+        worst = max([worst, (loss - loss_ref).abs().item()] + diffs)
         sent.append([b, b_ref])
         splits.add(tuple(torch.bincount(out.routing[-1].ids_TK.flatten(), minlength=5).tolist()))
         if i == 0:
@@ -208,7 +209,8 @@ def train_chain(args: dict) -> dict:
             continue
         dims = build_parallel_dims(cfg.parallel.ep_size)
         torch.save(_global_params(res.engine.module, dims), os.path.join(args["dump"], f"{run['name']}_rank{rank}.pt"))
-        results[run["name"]] = {"losses": res.losses, "steps_done": res.steps_done, "log": logs, "valid": res.valid_loss,
+        results[run["name"]] = {"losses": res.losses, "steps_done": res.steps_done, "log": logs,
+                                "valid": res.valid_loss,
                                 "optimizer": type(res.engine.optimizer).__name__}
         del res
     return results

@@ -10,12 +10,14 @@ that load from other processes spreads evenly. Reported per row:
   warm-cache s   the first step again after ``torch._dynamo.reset()``: what a restarted job
                  pays when inductor's on-disk cache already holds the graphs
   eager / compiled step s   medians over the timed rounds (min..max in the markdown)
-  speed-up       eager median / compiled median
+  speed-up       eager median / compiled median, and from the minima (steps that other
+                 processes' load slowed the least: the steadier figure on a shared machine)
   break-even     steps after which compiling has paid for itself: compile s / (eager - compiled)
   graphs, breaks, recompiles   Dynamo's counters (``compile_stats``), after all steps
-  |loss diff|    first step, compiled vs eager (same weights and batch)
+  loss diff      first step, |compiled - eager| (same weights and batch)
+  load           the machine's 1-minute load average when the row finished (2 cores)
 
-Run (about 15-20 minutes on 2 cores with the defaults; the table is rewritten after each row):
+Run (about 10 minutes on 2 idle cores with the defaults; the table is rewritten after each row):
     python benchmarks/compile_step.py                          # -> benchmarks/results/compile.md
     python benchmarks/compile_step.py --widths 64 --rounds 3   # one quick row
 """
@@ -90,7 +92,8 @@ def measure(args, d: int, bf16: bool) -> dict:
     e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
     return dict(d=d, precision="bf16 autocast" if bf16 else "fp32", params=eager.num_parameters(), compile=t_compile,
                 warm=t_warm, eager=e, compiled=c, e_range=(min(times["eager"]), max(times["eager"])),
-                c_range=(min(times["compiled"]), max(times["compiled"])), stats=stats, loss_diff=abs(loss_c - loss_e))
+                c_range=(min(times["compiled"]), max(times["compiled"])), stats=stats, loss_diff=abs(loss_c - loss_e),
+                load=os.getloadavg()[0])
 
 
 def row(r: dict) -> str:
@@ -100,7 +103,8 @@ def row(r: dict) -> str:
     return (f"| {r['d']} | {r['precision']} | {r['params'] / 1e6:.1f}M | {r['compile']:.1f} | {r['warm']:.1f} | "
             f"{r['eager']:.3f} ({r['e_range'][0]:.3f}..{r['e_range'][1]:.3f}) | "
             f"{r['compiled']:.3f} ({r['c_range'][0]:.3f}..{r['c_range'][1]:.3f}) | {r['eager'] / r['compiled']:.2f}x | "
-            f"{even} | {s['graphs']} | {s['graph_breaks']} | {s['recompiles']} | {r['loss_diff']:.1e} |")
+            f"{r['e_range'][0] / r['c_range'][0]:.2f}x | {even} | {s['graphs']} | {s['graph_breaks']} | "
+            f"{s['recompiles']} | {r['loss_diff']:.1e} | {r['load']:.1f} |")
 
 
 def write(args, rows: list[str], done: bool, load: str) -> str:
@@ -116,10 +120,12 @@ def write(args, rows: list[str], done: bool, load: str) -> str:
         "`mom_dist.model.compile.compile_model` (inductor), what `train.compile=on` runs.",
         "",
         "| d | precision | params | compile s (cold cache) | compile s (warm cache) | eager step s (min..max) "
-        "| compiled step s (min..max) | speed-up | break-even steps | graphs | breaks | recompiles "
-        "| first-step |loss diff| |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows, ""])
+        "| compiled step s (min..max) | speed-up (medians) | speed-up (minima) | break-even steps | graphs | breaks "
+        "| recompiles | first-step loss diff | load |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows, "",
+        "break-even steps = compile s (cold cache) / (eager - compiled median step time): after that many "
+        "training steps compiling has paid for itself (\"never\": the compiled step is not faster).", ""])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
@@ -139,7 +145,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="routing steps H (compile time grows with it)")
     ap.add_argument("--ffn-k", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()

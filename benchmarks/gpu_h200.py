@@ -21,10 +21,11 @@ What it measures, as markdown tables (to ``$OUT/gpu_h200.md`` when ``$OUT`` is s
   5. If ``torch.cuda.device_count() > 1``: NCCL ``all_to_all_single`` bandwidth between the
      visible GPUs (one process per GPU). With one GPU this is skipped (an all-to-all with
      oneself moves nothing).
-  6. ``torch.compile(model)`` vs eager training steps, grouped GEMM on and off: compile time,
-     step time, Dynamo's graph / graph-break / recompile counts, peak memory.
+  6. Compiled (``train.compile``'s path, ``mom_dist.model.compile``) vs eager training steps:
+     bf16 with grouped GEMM on and off, and fp32: compile time, step time, Dynamo's graph /
+     graph-break / recompile counts, peak memory.
 
-Budget: about 3.5 minutes on one H200 (sections 1-5 ~20 s, section 6 ~150 s of compiling);
+Budget: about 5 minutes on one H200 (sections 1-5 ~20 s, section 6 ~250 s of compiling);
 ``--budget-s`` bounds section 6. Each section rewrites ``$OUT/gpu_h200.md`` when it ends.
 Run on the GPU machine from the repository root (needs torch >= 2.8 with CUDA; DeepSpeed is
 not needed):
@@ -329,21 +330,24 @@ def ffn_step(args, dev, have_pg: bool) -> str:
 
 # ----------------------------------------------------------------------------- 6. torch.compile
 def compiled_vs_eager(args, dev, deadline: float) -> str:
-    """Training-step time of MoM-small, eager vs ``torch.compile(model)`` (forward + backward
-    compiled, optimizer eager), for grouped GEMM on and off. The first compiled step's time is the
-    compile time; graphs and graph breaks are Dynamo's own counters. A variant that fails to compile
-    is reported with its error; variants are skipped once ``deadline`` (time.time()) has passed."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
+    """Training-step time of MoM-small, eager vs compiled through ``train.compile``'s path
+    (``mom_dist.model.compile.compile_model``: forward + backward compiled in place, optimizer
+    eager): bf16 autocast with grouped GEMM on and off, and fp32 (grouped ``auto``: on CUDA fp32
+    takes the loop over module slices, inside the ``mom_dist::grouped_mm`` custom op). The first
+    compiled step's time is the compile time; graphs, graph breaks and recompiles are Dynamo's
+    counters (``compile_stats``). A variant that fails is reported with its error; variants are
+    skipped once ``deadline`` (time.time()) has passed."""
+    from mom_dist.model.compile import compile_model, compile_stats, reset_compiler
 
     S, B = args.seq, args.micro_batch
     rows = ["| variant | first step s (compile) | step s median | tokens/s | vs eager | graphs | graph breaks "
             "| recompiles | peak mem GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ids, labels = batch(mom_small(args), B, S, dev, seed=2)
     eager_s = {}
-    for grouped in ("on", "off"):
+    for precision, grouped in (("bf16", "on"), ("bf16", "off"), ("fp32", "auto")):
+        key = f"{precision}, grouped {grouped}"
         for compiled in (False, True):
-            name = f"grouped {grouped}, {'compiled' if compiled else 'eager'}"
+            name = f"{key}, {'compiled' if compiled else 'eager'}"
             if time.time() > deadline:
                 rows.append(f"| {name} | skipped: time budget spent | | | | | | | |")
                 continue
@@ -352,9 +356,9 @@ def compiled_vs_eager(args, dev, deadline: float) -> str:
             with dev:
                 model = MoMModel(cfg).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-            dynamo.reset()
-            counters.clear()
-            fwd = torch.compile(model) if compiled else model
+            reset_compiler()
+            if compiled:
+                compile_model(model)  # in place, as train.compile=on does
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             times = []
@@ -363,8 +367,8 @@ def compiled_vs_eager(args, dev, deadline: float) -> str:
                     sync_device(dev)
                     t0 = time.perf_counter()
                     opt.zero_grad(set_to_none=True)
-                    with torch.autocast(dev.type, dtype=torch.bfloat16):
-                        out = fwd(ids, labels)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        out = model(ids, labels)
                     out.loss.backward()
                     opt.step()
                     sync_device(dev)
@@ -378,24 +382,21 @@ def compiled_vs_eager(args, dev, deadline: float) -> str:
                 continue
             med = statistics.median(times[1 + args.warmup:])
             if not compiled:
-                eager_s[grouped] = med
-            rel = f"{eager_s[grouped] / med:.2f}x" if compiled and grouped in eager_s else "1.00x"
-            st = counters["stats"]
-            graphs = st.get("unique_graphs", 0) if compiled else "-"
-            breaks = sum(counters["graph_break"].values()) if compiled else "-"
-            recomp = max(0, st.get("unique_graphs", 0) - 1) if compiled else "-"
+                eager_s[key] = med
+            rel = f"{eager_s[key] / med:.2f}x" if compiled and key in eager_s else "1.00x"
+            st = compile_stats() if compiled else None
+            graphs, breaks, recomp = (st["graphs"], st["graph_breaks"], st["recompiles"]) if st else ("-",) * 3
             mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
             rows.append(f"| {name} | {times[0]:.2f} | {med:.4f} | {B * S / med:,.0f} | {rel} | {graphs} | {breaks} "
                         f"| {recomp} | {mem:.1f} |")
-            reasons = sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:3] if compiled else []
-            for why, n in reasons:
-                rows.append(f"| ↳ break x{n} | {why.splitlines()[0][:150]} | | | | | | | |")
-            del model, opt, out, fwd
+            for why, n in sorted((st or {}).get("break_reasons", {}).items(), key=lambda kv: -kv[1])[:3]:
+                rows.append(f"| ↳ break x{n} | {why[:150]} | | | | | | | |")
+            del model, opt, out
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    rows += ["", "Compiled: `torch.compile(model)` (default mode, inductor); optimizer eager (fused AdamW on GPU); "
-                 "bf16 autocast; 'first step' includes the compile. 'recompiles' counts unique graphs beyond the "
-                 "first, so it includes the graphs that graph breaks create."]
+    rows += ["", "Compiled: `mom_dist.model.compile.compile_model` (what `train.compile=on` runs: inductor, default "
+                 "mode, in place); optimizer eager (fused AdamW on GPU); bf16 rows under autocast, fp32 rows without "
+                 "TF32; 'first step' includes the compile."]
     return "\n".join(rows)
 
 

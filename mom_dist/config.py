@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from mom_dist.config_utils import apply_overrides, check, check_choice, from_dict, load_yaml, to_dict
+from mom_dist.model.compile import COMPILE_BACKENDS, COMPILE_CHOICES
 from mom_dist.model.config import ModelConfig
 
 
@@ -32,6 +33,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # by the global norm over module and non-module parameters
     precision: str = "fp32"  # fp32 | bf16
+    # torch.compile of the model's forward and backward (mom_dist.model.compile). auto: on with
+    # CUDA (2.1x on an H200), off on CPU (measured: benchmarks/results/compile.md).
+    compile: str = "auto"  # auto | on | off
+    compile_backend: str = "inductor"  # inductor | aot_eager (no generated kernels: to debug a compile)
     optimizer: str = "adamw"  # adamw (torch) | deepspeed_adam (DeepSpeed fused/CPU Adam, JIT-built)
     init_from: str | None = None  # phase 2 (spec §8): a GPT-2 HF directory or a mom_dist checkpoint
     out_dir: str = "runs/default"
@@ -58,6 +63,8 @@ class TrainConfig:
         check(len(self.betas) == 2, f"train.betas={self.betas} must be two numbers, e.g. [0.9, 0.95]")
         self.betas = tuple(float(b) for b in self.betas)
         check_choice(self.precision, ("fp32", "bf16"), "train.precision")
+        check_choice(self.compile, COMPILE_CHOICES, "train.compile")
+        check_choice(self.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
         check_choice(self.optimizer, ("adamw", "deepspeed_adam"), "train.optimizer")
 
 

@@ -55,7 +55,11 @@ def from_dict(cls, data: dict | None, where: str = ""):
 
 
 def _coerce(value, tp, name: str):
-    """YAML 1.1 reads ``1e-3`` as a string: accept numbers written that way for numeric fields."""
+    """YAML 1.1 reads ``1e-3`` as a string: accept numbers written that way for numeric fields.
+    It also reads ``on``/``off`` as booleans: a text field (``grouped_gemm``, ``compile``) gets
+    the word back."""
+    if tp is str and isinstance(value, bool):
+        return "on" if value else "off"
     if tp is float and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             return float(value)

@@ -37,6 +37,8 @@ BAD = [
     (["model.attn_router.temperature=0"], r"temperature=0(\.0)? must be > 0"),
     (["parallel.dispatcher=random"], r"parallel.dispatcher='random'"),
     (["train.betas=[0.9]"], r"train.betas"),
+    (["train.compile=maybe"], r"train.compile='maybe' is not valid; choose one of 'auto', 'on', 'off'"),
+    (["train.compile_backend=eager"], r"train.compile_backend='eager' is not valid"),
 ]
 
 
@@ -44,6 +46,13 @@ BAD = [
 def test_impossible_combinations_raise_with_the_fix(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config("configs/tiny.yaml", overrides)
+
+
+def test_on_off_options_survive_yaml_booleans():
+    # YAML 1.1 reads on/off as booleans; the on/off options get their words back
+    cfg = load_config("configs/tiny.yaml", ["model.grouped_gemm=off", "train.compile=on"])
+    assert cfg.model.grouped_gemm == "off" and cfg.train.compile == "on"
+    assert load_config("configs/tiny.yaml").train.compile == "auto"
 
 
 def test_missing_config_file_and_malformed_override():

@@ -235,6 +235,7 @@ def build_model(prepared: Prepared) -> TaskModel:
 
 
 def finetune(prepared: Prepared, *, log=print) -> dict:
+    from mom_dist.model.compile import compile_model, compile_summary, compile_wanted
     from mom_dist.parallel import deepspeed_engine
     from mom_dist.parallel.dims import build_parallel_dims
     from mom_dist.parallel.expert_parallel import apply_expert_parallel
@@ -251,6 +252,9 @@ def finetune(prepared: Prepared, *, log=print) -> dict:
     model = build_model(prepared)
     apply_expert_parallel(model, dims, p.capacity_factor if p.dispatcher == "capacity" else None)
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)
+    compiled = compile_wanted(t.compile, device)
+    if compiled:  # the training steps only: generation's growing cache would recompile per token
+        compile_model(engine.module, t.compile_backend)
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
     if dims.rank == 0 and os.path.exists(os.path.join(prepared.out_dir, "metrics.jsonl")):
         os.remove(os.path.join(prepared.out_dir, "metrics.jsonl"))  # --overwrite: not appended to an old run's
@@ -275,6 +279,8 @@ def finetune(prepared: Prepared, *, log=print) -> dict:
             if dims.rank == 0:
                 log(f"[finetune] step {step:>5}/{t.steps} | loss {v['loss']:.4f} | task {v['task_loss']:.4f} | "
                     f"balance {v['balance_loss']:.4f} | lr {v['lr']:.2e}")
+                if compiled and step == 1:
+                    log(f"[finetune] {compile_summary()}")
             tick, last_logged = time.time(), step
     plain = gather_plain(engine.module, prepared, dims, device)
     result = evaluate(plain, prepared, dims, device, log)

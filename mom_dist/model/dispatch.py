@@ -8,6 +8,8 @@ Both group the rows they hand to a pool by module with one stable sort (no per-m
 ``nonzero``, ``.item()`` or ``.tolist()``), so a pool runs each module on a contiguous slice,
 through ``torch._grouped_mm`` where it is available (no host sync at all) or a loop over
 slices (one host sync per plan, to read the slice sizes). SKIP picks never reach a module.
+Under ``torch.compile`` the grouped matmuls Dynamo cannot trace run as a custom op
+(``grouped_ops``), so no path breaks the graph.
 
 Two modes:
 - dropless (default): every pair is computed.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mom_dist.host_sync import to_host_list
+from mom_dist.model.grouped_ops import grouped_mm, grouped_mm_kernel_ok, loop_mm
 
 
 @dataclass
@@ -53,13 +56,18 @@ class Groups:
         """(M, N_local) row -> module indicator, zero on padding rows. Per-module vectors are
         gathered as ``onehot @ stacked`` (a GEMM whose backward is a GEMM, unlike index_select's
         scatter-add backward, which serialises on a handful of rows)."""
-        if self._onehot is None or self._onehot.dtype != dtype:
-            n = self.ends_N.shape[0]
-            hot = self.module_M.unsqueeze(-1) == torch.arange(n, device=self.module_M.device)
-            if self.valid_M is not None:
-                hot = hot & self.valid_M.unsqueeze(-1)
-            self._onehot = hot.to(dtype)
-        return self._onehot
+        if self._onehot is not None and self._onehot.dtype == dtype:
+            return self._onehot
+        n = self.ends_N.shape[0]
+        hot = self.module_M.unsqueeze(-1) == torch.arange(n, device=self.module_M.device)
+        if self.valid_M is not None:
+            hot = hot & self.valid_M.unsqueeze(-1)
+        hot = hot.to(dtype)
+        # Compiled, the compiler shares the computation itself; and storing the cache from inside
+        # activation checkpointing's region would be a side effect that breaks the graph there.
+        if not torch.compiler.is_compiling():
+            self._onehot = hot
+        return hot
 
     def mm_ends(self, n_rows: int) -> torch.Tensor:
         """Group ends for a grouped GEMM over all ``n_rows`` rows (padding joins the last group)."""
@@ -155,24 +163,11 @@ def grouped_linear(x_MI: torch.Tensor, w_NIO: torch.Tensor, b_NO: torch.Tensor, 
     """Row r of the output is x[r] @ w[module[r]] + b[module[r]] (padding rows: finite, masked later)."""
     dtype = torch.get_autocast_dtype(x_MI.device.type) if torch.is_autocast_enabled(x_MI.device.type) else x_MI.dtype
     x, w = x_MI.to(dtype), w_NIO.to(dtype)
-    if use_grouped_mm and _grouped_mm_ok(x, w):
+    kernel = use_grouped_mm and grouped_mm_kernel_ok(x, w)
+    if torch.compiler.is_compiling() and not (kernel and dtype == torch.bfloat16):
+        y = grouped_mm(x, w, groups.mm_ends(x.shape[0]), kernel)  # what Dynamo cannot trace: grouped_ops.py
+    elif kernel:
         y = torch._grouped_mm(x, w, offs=groups.mm_ends(x.shape[0]))
     else:
-        pieces, start = [], 0
-        sizes = groups.sizes()
-        for i, n in enumerate(sizes):
-            if i == len(sizes) - 1:
-                n = x.shape[0] - start  # padding rows ride with the last module
-            pieces.append(x[start:start + n] @ w[i])
-            start += n
-        y = torch.cat(pieces)
+        y = loop_mm(x, w, groups.sizes())  # slice sizes read once per plan, reused by its pools
     return y + groups.onehot(dtype) @ b_NO.to(dtype)
-
-
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
-        return False
-    align = 16 // x.element_size()  # _grouped_mm needs 16-byte aligned strides
-    return x.shape[-1] % align == 0 and w.shape[-1] % align == 0 and x.is_contiguous()

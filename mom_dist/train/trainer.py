@@ -5,9 +5,9 @@
 Reads top to bottom: start the process group and DeepSpeed's expert/data groups -> check the
 data against the model (before any collective) -> build the plain model with the same seed on
 every rank -> (phase 2) initialise it from a GPT-2 -> apply expert parallelism -> DeepSpeed
-engine -> resume if a checkpoint exists -> loop over optimizer steps (each = gradient
-accumulation over this rank's micro-batches) with logging, telemetry, evaluation, checkpoints
-and preemption -> final checkpoint and validation perplexity.
+engine -> torch.compile (``train.compile``) -> resume if a checkpoint exists -> loop over
+optimizer steps (each = gradient accumulation over this rank's micro-batches) with logging,
+telemetry, evaluation, checkpoints and preemption -> final checkpoint and validation perplexity.
 
 Safety around that (docs/usage.md, "Checkpoint safety"): rank 0 locks ``out_dir`` before anything is
 written (``checkpoint.run_lock``); a resume that would change the computation is refused before anything
@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from mom_dist.config import Config, dump_config
 from mom_dist.model import MoMModel
+from mom_dist.model.compile import compile_model, compile_summary, compile_wanted
 from mom_dist.parallel import deepspeed_engine
 from mom_dist.parallel.dims import build_parallel_dims
 from mom_dist.parallel.expert_parallel import apply_expert_parallel
@@ -135,6 +136,9 @@ def _train(cfg: Config, dims, log) -> TrainResult:
         init_from_source(model, t.init_from)
     apply_expert_parallel(model, dims, p.capacity_factor if p.dispatcher == "capacity" else None)
     engine, clipper = deepspeed_engine.initialize(model, cfg, dims)
+    compiled = compile_wanted(t.compile, device)
+    if compiled:  # in place: the engine keeps calling the same module, with the same parameter names
+        compile_model(engine.module, t.compile_backend)
     lifecycle.safe_point(device, "engine set-up")
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
 
@@ -192,6 +196,8 @@ def _train(cfg: Config, dims, log) -> TrainResult:
             metrics.write("train", step, v)
             if dims.rank == 0:
                 log(progress_line(step, t.steps, v, *eta.update(step)))
+                if compiled and step == start_step + 1:
+                    log(f"[mom_dist] {compile_summary()} (the first step includes compiling: {elapsed:.1f} s)")
             tick, last_logged = time.time(), step
         if tel is not None:
             metrics.write_routing(step, routing_record(tel.reduce()))  # reduce(): a collective, all ranks
@@ -223,6 +229,8 @@ def _train(cfg: Config, dims, log) -> TrainResult:
         metrics.write("valid", step, {"loss": vl, "ppl": ppl})
         if dims.rank == 0:
             log(f"[valid] final: loss {vl:.4f} perplexity {ppl:.2f}")
+    if compiled and dims.rank == 0:
+        log(f"[mom_dist] {compile_summary()} (whole run, evaluation included)")
     metrics.close()
     stop = None if step >= t.steps else ("preempted" if preempted else "stop_after")
     return TrainResult(step, losses[-1] if losses else float("nan"), vl, ppl, losses, last_tag, engine, stop)

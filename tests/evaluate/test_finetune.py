@@ -1,5 +1,5 @@
 """mom-finetune (issue 10): learning on a separable task, layout invariance of the fine-tuning
-losses (one process vs two processes with EP2, real gloo), metrics against scikit-learn/scipy
+losses (one compiled process vs two eager processes with EP2, real gloo), metrics against scikit-learn/scipy
 and rouge-score, batched generation against unbatched greedy decoding, and the error paths."""
 
 from __future__ import annotations
@@ -64,9 +64,13 @@ def _runs(root, tmp_path, layout: str, overrides: list) -> list[dict]:
                  out=str(tmp_path / f"xsum_{layout}"), overrides=common)]
 
 
-def test_fine_tuning_losses_do_not_depend_on_the_layout(root, tmp_path):
+def test_fine_tuning_losses_do_not_depend_on_the_layout_or_compile(root, tmp_path):
     src = fx.exported_model(root)
-    one = run_ranks(WORKERS, "finetune_runs", 1, dict(source=src, runs=_runs(root, tmp_path, "w1", [])), tmp_path)[0]
+    # The one-process runs train through torch.compile (train.compile; aot_eager: the same
+    # graphs as inductor without generating kernels), the EP2 runs eagerly.
+    compiled = ["train.compile=on", "train.compile_backend=aot_eager"]
+    one = run_ranks(WORKERS, "finetune_runs", 1, dict(source=src, runs=_runs(root, tmp_path, "w1", compiled)),
+                    tmp_path)[0]
     ep2 = run_ranks(WORKERS, "finetune_runs", 2,
                     dict(source=src, runs=_runs(root, tmp_path, "ep2", ["parallel.ep_size=2", "parallel.zero_stage=2"])),
                     tmp_path)
@@ -78,6 +82,8 @@ def test_fine_tuning_losses_do_not_depend_on_the_layout(root, tmp_path):
         assert rel <= 1e-5, (name, a, b)
         assert a[-1] != a[0]  # it trained
         assert one[name]["predictions"] == ep2[0][name]["predictions"]
+        assert one[name]["compile"]["graphs"] == 1 and one[name]["compile"]["graph_breaks"] == 0, one[name]["compile"]
+        assert ep2[0][name]["compile"]["graphs"] == 0
         for k, v in one[name]["metrics"].items():
             assert ep2[0][name]["metrics"][k] == pytest.approx(v, abs=1e-9)
     assert set(one["xsum"]["metrics"]) == {"rouge1", "rouge2", "rougeL"}

@@ -111,6 +111,26 @@ def test_stride_windows_are_lm_evals(world, tmp_path):
         assert res["loss"] == pytest.approx(total / len(tokens), rel=1e-5)
 
 
+def test_compile_gives_the_eager_perplexity(world, capsys, monkeypatch):
+    """--compile on (auto is off on CPU): the model runs through torch.compile, the log line gives
+    Dynamo's counters. Compiled with aot_eager instead of inductor (the same graphs, without
+    generating kernels: minutes on this CPU); inductor itself: tests/model/test_compile.py."""
+    import mom_dist.model.compile as mc
+
+    real = mc.compile_model
+    monkeypatch.setattr(mc, "compile_model", lambda model, backend="inductor": real(model, "aot_eager"))
+    mc.reset_compiler()
+    args = ["--data", world["data"], "--seq-len", "16", "--stride", "8", "--batch-size", "3", "--max-batches", "3",
+            "--no-progress"]
+    code, eager, err = run_cli([world["export"], *args], capsys)
+    assert code == 0 and err == ""  # auto: off on CPU
+    code, compiled, err = run_cli([world["export"], *args, "--compile", "on"], capsys)
+    assert code == 0, err
+    a, b = json.loads(eager), json.loads(compiled)
+    assert a["tokens"] == b["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert err == "mom-eval: torch.compile: 1 graph(s), 0 graph break(s), 0 recompile(s)\n"
+
+
 def test_cli_exit_code_through_a_real_process(world, tmp_path):
     out = subprocess.run([sys.executable, "-m", "mom_dist.cli.evaluate", world["export"], "--data", world["other"],
                           "--seq-len", "16"], cwd=ROOT, capture_output=True, text=True)

@@ -85,6 +85,53 @@ def dispatch_parity(args: dict) -> dict:
                 bytes_sent=ep_chunk.dispatcher.bytes_sent if dims.ep_size > 1 else 0)
 
 
+def compiled_parity(args: dict) -> dict:
+    """torch.compile (``args["backend"]``) == eager through the all-to-all dispatcher, on steps
+    whose routing (and so every split size) changes: losses, gradients of this rank's parameters
+    and the all-to-all byte count; plus Dynamo's graph / break / recompile counters."""
+    import copy
+
+    from mom_dist.model import ModelConfig, MoMModel, RouterConfig
+    from mom_dist.model.compile import compile_model, compile_stats, reset_compiler
+    from mom_dist.parallel.dims import build_parallel_dims
+    from mom_dist.parallel.expert_parallel import apply_expert_parallel
+
+    dims = build_parallel_dims(2)
+    cfg = ModelConfig(vocab_size=48, max_seq_len=8, d_model=16, n_heads=2, n_bottom=0, n_top=0,
+                      n_attn_modules=2, n_ffn_modules=4, n_steps=args["n_steps"], activation_checkpointing=True,
+                      attn_router=RouterConfig(dim=8, top_k=2, temperature=0.5),
+                      ffn_router=RouterConfig(dim=8, top_k=1, temperature=0.5))
+    torch.manual_seed(0)
+    model = MoMModel(cfg)
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        apply_expert_parallel(m, dims, args.get("capacity_factor"))
+    reset_compiler()
+    compile_model(model, args["backend"])
+    gen = torch.Generator().manual_seed(10 + dims.rank)  # each rank routes its own tokens
+    worst, splits, sent = 0.0, set(), []
+    for i in range(args["steps"]):
+        ids = torch.randint(0, 48, (2, 8), generator=gen)
+        res = []
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            for c in m.chunks:
+                c.dispatcher.bytes_sent = 0
+            out = m(ids, ids)
+            out.loss.backward()
+            res.append((out.loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None},
+                        sum(c.dispatcher.bytes_sent for c in m.chunks)))
+        (loss, grads, b), (loss_ref, grads_ref, b_ref) = res
+        assert grads.keys() == grads_ref.keys() and len(grads) == len(list(ref.parameters()))
+        diffs = [(grads[n] - grads_ref[n]).abs().max().item() for n in grads]
+        worst = max([worst, (loss - loss_ref).abs().item()] + diffs)
+        sent.append([b, b_ref])
+        splits.add(tuple(torch.bincount(out.routing[-1].ids_TK.flatten(), minlength=5).tolist()))
+        if i == 0:
+            warm = compile_stats()
+    return dict(max_abs_diff=worst, bytes=sent, distinct_loads=len(splits), warm=warm, stats=compile_stats())
+
+
 def _global_params(model, dims) -> dict:
     """This rank's parameters under single-process names; a pool's stacked tensors are split
     into one entry per module, named by its global id (``...qkv_weight[3]``)."""
@@ -163,6 +210,7 @@ def train_chain(args: dict) -> dict:
         dims = build_parallel_dims(cfg.parallel.ep_size)
         torch.save(_global_params(res.engine.module, dims), os.path.join(args["dump"], f"{run['name']}_rank{rank}.pt"))
         results[run["name"]] = {"losses": res.losses, "steps_done": res.steps_done, "log": logs,
+                                "valid": res.valid_loss,
                                 "optimizer": type(res.engine.optimizer).__name__}
         del res
     return results

@@ -245,7 +245,8 @@ def _build_splits(cfg: DataConfig, tok: _TokenizerInfo, train_samples: int, vali
     """Build (train, valid) datasets; megatron handles rank-0-first when a group exists."""
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    from mom_dist.data.index_cache import CheckedGPTDataset
 
     cache = cfg.resolved_cache_dir()
     surplus = 0.005  # megatron's mid-level surplus, so a blend never runs a member dry
@@ -258,7 +259,7 @@ def _build_splits(cfg: DataConfig, tok: _TokenizerInfo, train_samples: int, vali
             sizes = [t if len(prefixes) == 1 else int(math.ceil(math.ceil(t * w) * (1 + surplus)))
                      for t in targets]
             builder = BlendedMegatronDatasetBuilder(
-                GPTDataset, [max(n, 1) for n in sizes], lambda: True, _gpt_config(cfg, tok, p, split, cache))
+                CheckedGPTDataset, [max(n, 1) for n in sizes], lambda: True, _gpt_config(cfg, tok, p, split, cache))
             for i, ds in enumerate(builder.build()):
                 per_split[i].append(ds)
         out = []
@@ -269,7 +270,8 @@ def _build_splits(cfg: DataConfig, tok: _TokenizerInfo, train_samples: int, vali
                 out.append(parts[0])
             else:
                 # megatron's BlendedDataset, in memory (no cache): its cache path calls
-                # get_rank() even without a process group, and the blend index is cheap.
+                # get_rank() even without a process group, the blend index is cheap, and
+                # megatron would load a blend cache with allow_pickle=True (index_cache.py).
                 out.append(BlendedDataset(parts, ws, targets[i], _gpt_config(cfg, tok, prefixes[0], split, None)))
         return out
 

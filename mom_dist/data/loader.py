@@ -33,10 +33,11 @@ import math
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
+from mom_dist.config_utils import checked_fields
 from mom_dist.data import indexed
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Where the training data is and how samples are drawn. Validated on construction."""
 
-    train_prefixes: list = field(default_factory=list)
-    train_weights: Optional[list] = None   # None: weights proportional to each prefix's tokens
-    valid_prefixes: Optional[list] = None  # None: validation comes from `split` of the train data
-    valid_weights: Optional[list] = None
-    split: Optional[str] = None            # train,valid,test parts of each train prefix, only
+    train_prefixes: Union[list[str], str] = field(default_factory=list)
+    train_weights: Optional[list[float]] = None   # None: weights proportional to each prefix's tokens
+    valid_prefixes: Union[list[str], str, None] = None  # None: validation comes from `split` of the train data
+    valid_weights: Optional[list[float]] = None
+    split: Union[str, int, None] = None    # train,valid,test parts of each train prefix, only
                                            # without valid_prefixes (None: "969,30,1")
     seq_length: int = 1024
     seed: int = 1234
@@ -112,7 +113,7 @@ class DataConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"DataConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d, "data."))  # types, from the annotations above
 
     def resolved_split(self) -> str:
         return self.split if self.split is not None else "969,30,1"

@@ -21,12 +21,13 @@ A `Record` carries either the text or the reason it was skipped (malformed JSON,
 UTF-8 or a lone surrogate escape, missing field, empty document), so bad records are counted
 and reported, not fatal. Problems with the inputs themselves (missing path, unreadable archive,
 truncated .xz) raise `InputError` before any output is written (`check_inputs`); corruption only
-visible while streaming (a truncated .gz, a bad member inside a tar) raises `CorruptInputError`
-naming the file and the byte offset where reading failed.
+visible while streaming (a .gz/.zst/.bz2 stream or a tar that ends early, a bad member inside a
+tar: `streams.py`) raises `CorruptInputError` naming the file and the byte offset where reading
+failed.
 """
 from __future__ import annotations
 
-import gzip
+import contextlib
 import io
 import json
 import lzma
@@ -36,6 +37,8 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+
+from mom_dist.data import streams
 
 # Reasons a record is skipped; the summary counts them under these names.
 SKIP_EMPTY = "empty_document"
@@ -58,8 +61,8 @@ class CorruptInputError(InputError):
     """An input turned out corrupt while streaming it; the message names the file and offset."""
 
 
-# What decompressors and readers raise on corrupt or truncated data (zstd's error is added
-# lazily, zstandard being optional).
+# What decompressors and readers raise on corrupt or truncated data (streams.py turns zstd's
+# errors into these).
 _STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError)
 
 
@@ -206,16 +209,16 @@ def _check_file(path: str) -> None:
         _check_xz_footer(path)
     if path.endswith((".gz", ".zst")) and not path.endswith(_ARCHIVE_SUFFIXES):
         try:
-            with _open_compressed(path) as f:
+            with _open_jsonl(path) as f:
                 f.read(1)
         except Exception as err:  # gzip/zstd raise several unrelated types on garbage
             raise InputError(f"cannot read compressed file {path!r} ({err}); it is corrupt or not "
                              f"{path.rsplit('.', 1)[-1]}-compressed. Re-create it or remove it from the inputs") from err
     if path.endswith(_ARCHIVE_SUFFIXES):
         try:
-            with tarfile.open(path, "r:*") as tar:
-                tar.next()
-        except (tarfile.TarError, lzma.LZMAError, EOFError, OSError, zlib.error) as err:
+            with streams.open_stream(path) as f, streams.open_tar(f):
+                pass  # opening reads the first member's header
+        except _STREAM_ERRORS as err:
             if path.endswith(".xz") and not path.endswith(".tar.xz"):
                 try:  # a lone .xz document (not a tar) is fine too
                     with lzma.open(path) as f:
@@ -224,8 +227,8 @@ def _check_file(path: str) -> None:
                 except (lzma.LZMAError, EOFError, OSError):
                     pass
             raise InputError(
-                f"cannot read archive {path!r} ({err}); it is corrupt or not a tar/xz file. "
-                "Re-download it or remove it from the inputs"
+                f"cannot read archive {path!r} ({' '.join(str(err).split())}); it is corrupt or not a "
+                "tar/xz file. Re-download it or remove it from the inputs"
             ) from err
 
 
@@ -271,24 +274,15 @@ def _text_record(text, where: str, check_surrogates: bool = False) -> Record:
     return Record(text, None, where)
 
 
-def _open_compressed(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
+def _open_jsonl(path: str):
+    """JSON lines, decompressed by extension (.gz: gzip, .zst: zstd; a mismatch is an error)."""
+    return streams.open_stream(path, "gz" if path.endswith(".gz") else "zst" if path.endswith(".zst") else None)
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
     errors = _STREAM_ERRORS
-    if path.endswith(".zst"):
-        import zstandard
-
-        errors = errors + (zstandard.ZstdError,)
     offset, lineno = 0, 0
-    with _open_compressed(path) as raw:
+    with _open_jsonl(path) as raw:
         stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
         lines = iter(stream)
         while True:
@@ -344,44 +338,60 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
 
 
 def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
-    """Documents of a tar in the OpenWebText layout (see module docstring), in member order."""
-    if isinstance(fileobj_or_path, str):
-        tar = tarfile.open(fileobj_or_path, "r:*")
-    else:
-        tar = tarfile.open(fileobj=fileobj_or_path, mode="r|*")
+    """Documents of a tar in the OpenWebText layout (see module docstring), in member order.
+
+    Read as a stream (decompressed by its magic bytes); it must end with its end-of-archive
+    block, and a compressed file is read to its end, so a cut anywhere is refused.
+    """
+    with contextlib.ExitStack() as stack:
+        stream = fileobj_or_path
+        if isinstance(fileobj_or_path, str):
+            stream = stack.enter_context(streams.open_stream(fileobj_or_path))
+        try:
+            tar = stack.enter_context(streams.open_tar(stream))
+        except _STREAM_ERRORS as err:
+            raise _corrupt(where, "tar byte 0", err) from err
+        yield from _tar_members(tar, where)
+        try:
+            streams.check_tar_end(tar)
+            streams.drain(stream)
+        except _STREAM_ERRORS as err:
+            raise _corrupt(where, f"tar byte {tar.offset} (its end)", err) from err
+
+
+def _tar_members(tar, where: str) -> Iterator[Record]:
     offset = 0  # of the last member header in the (decompressed) tar stream
-    with tar:
-        members = iter(tar)
-        while True:
+    members = iter(tar)
+    while True:
+        try:
+            member = next(members)
+        except StopIteration:
+            break
+        except _STREAM_ERRORS as err:
+            raise _corrupt(where, f"tar byte {offset} (after the member there)", err) from err
+        offset = member.offset
+        if not member.isfile():
+            continue
+        name = f"{where}/{member.name}"
+        try:
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else None
+        except _STREAM_ERRORS as err:
+            raise _corrupt(where, f"member {member.name!r} (tar byte {offset})", err) from err
+        if data is None:
+            continue
+        if member.name.endswith(".txt"):
+            yield _decode(data, name)
+        elif member.name.endswith(".xz"):
             try:
-                member = next(members)
-            except StopIteration:
-                break
-            except _STREAM_ERRORS as err:
-                raise _corrupt(where, f"tar byte {offset} (after the member there)", err) from err
-            offset = member.offset
-            if not member.isfile():
-                continue
-            name = f"{where}/{member.name}"
-            try:
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else None
-            except _STREAM_ERRORS as err:
-                raise _corrupt(where, f"member {member.name!r} (tar byte {offset})", err) from err
-            if data is None:
-                continue
-            if member.name.endswith(".txt"):
+                data = lzma.decompress(data)
+            except (lzma.LZMAError, EOFError) as err:
+                raise _corrupt(where, f"member {member.name!r} (tar byte {offset}), a truncated or "
+                               "corrupt .xz", err, "re-download the archive") from err
+            if member.name.endswith(".txt.xz") or not _looks_like_tar(data):
                 yield _decode(data, name)
-            elif member.name.endswith(".xz"):
-                try:
-                    data = lzma.decompress(data)
-                except (lzma.LZMAError, EOFError) as err:
-                    raise _corrupt(where, f"member {member.name!r} (tar byte {offset}), a truncated or "
-                                   "corrupt .xz", err, "re-download the archive") from err
-                if member.name.endswith(".txt.xz") or not _looks_like_tar(data):
-                    yield _decode(data, name)
-                else:
-                    yield from _read_tar(io.BytesIO(data), name)
+            else:
+                yield from _read_tar(io.BytesIO(data), name)
 
 
 def _looks_like_tar(data: bytes) -> bool:

@@ -23,6 +23,7 @@ At most `2 * workers` shards are in flight, so memory does not grow with the cor
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,6 +55,36 @@ REJECTED = (corpus.InputError, DataIntegrityError, ValueError)
 
 class OutputExistsError(FileExistsError):
     """The output prefix already holds results and --overwrite was not given."""
+
+
+class PrefixInUseError(OutputExistsError):
+    """Another mom-preprocess holds the output prefix's lock; the message names it."""
+
+
+class WorkDirError(OSError):
+    """A shard in the work directory does not hold what its record says (written by something
+    else, or damaged); its record is removed so that rerunning the command redoes it."""
+
+
+@contextlib.contextmanager
+def _prefix_lock(path: str, prefix: str):
+    """Hold `path` (PREFIX_preprocess.lock) while the run works: a second run on the prefix stops
+    at once naming the first (host, pid, start); a lock whose process is gone is taken over.
+    The lock code is mom-train's out_dir lock (today in mom_dist/train/run_lock.py)."""
+    from mom_dist.train.run_lock import release_lock, take_lock
+
+    def note(line):
+        print(f"mom-preprocess: note: {line.removeprefix('[mom_dist] ')}", file=sys.stderr)
+
+    try:
+        holder = take_lock(path, note, f"output prefix {prefix!r}", "mom-preprocess",
+                           "wait for it to finish or stop it, or use another --output-prefix")
+    except ValueError as err:
+        raise PrefixInUseError(str(err)) from None
+    try:
+        yield
+    finally:
+        release_lock(path, holder["token"])
 
 
 @dataclass
@@ -88,6 +119,8 @@ def output_paths(prefix: str) -> dict:
         "tokenizer": f"{prefix}_tokenizer.model",
         "summary": f"{prefix}_summary.json",
         "work": f"{prefix}_work",
+        "lock": f"{prefix}_preprocess.lock",
+        "prefix": prefix,
     }
 
 
@@ -435,6 +468,23 @@ def preprocess(
         settings.vocab_size = settings.model_type = None
         settings.tokenizer_train_mb = settings.input_sentence_size = None
     state = {"settings": asdict(settings), "inputs": input_fingerprint(settings.files)}
+    made = _makedirs(os.path.dirname(os.path.abspath(output_prefix)))
+    try:
+        with _prefix_lock(paths["lock"], output_prefix):  # one run per prefix, from here to the end
+            return _start_or_resume(files, settings, state, paths, tokenizer_model, workers, progress,
+                                    keep_work, overwrite, t_start)
+    finally:
+        for d in reversed(made):  # a refused run leaves no folder it created (rmdir: empty ones only)
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def _start_or_resume(files, settings, state, paths, tokenizer_model, workers, progress, keep_work,
+                     overwrite, t_start):
+    """Under the prefix lock: finish, resume, refuse or start the run for `paths`."""
+    output_prefix = paths["prefix"]
     work = paths["work"]
     _remove_tree(work + ".trash")  # a finished run killed while deleting its work dir
     previous = _read_json(os.path.join(work, "settings.json"))
@@ -472,19 +522,13 @@ def preprocess(
                     "old and new documents. Restore the inputs and rerun, or pass --overwrite to start over")
             _remove_tree(work)
 
-    made = _makedirs(work)
+    os.makedirs(work, exist_ok=True)
     _write_json(os.path.join(work, "settings.json"), state)
     try:
         return _run(files, settings, state, paths, tokenizer_model, workers, progress, keep_work,
                     existing, t_start)
     except REJECTED:
         _remove_tree(work)  # refused: the next, corrected command starts clean
-        for d in reversed(made):  # the output folders this run created, if still empty
-            try:
-                if os.path.isdir(d):
-                    os.rmdir(d)
-            except OSError:
-                break
         raise
 
 
@@ -573,7 +617,7 @@ def _run(files, settings, state, paths, tokenizer_model, workers, progress, keep
 
     # Every shard is done here (a crash between shards leaves holes a rerun fills).
     n_shards = stats["shards"]
-    metas = [_read_json(os.path.join(work, f"shard_{k:06d}.json")) for k in range(n_shards)]
+    metas = _shard_records(work, n_shards, token_dtype(tok.vocab_size))
     skipped, examples = Counter(), []
     for m in metas:
         skipped.update(m["skipped"])
@@ -613,6 +657,9 @@ def _run(files, settings, state, paths, tokenizer_model, workers, progress, keep
             continue
         shard_paths = [os.path.join(work, f"shard_{k:06d}.{s}") for k in range(n_shards)]
         result[s] = merge_shards(shard_paths, staged(paths[s]), dtype)
+        if result[s]["documents"] != counts[s]:  # the shards changed under the merge
+            raise WorkDirError(f"the merged {s} split holds {result[s]['documents']} documents but the shard "
+                               f"records say {counts[s]}: something else writes to {work}; rerun the same command")
         write_meta(staged(paths[s]), {
             "vocab_size": tok.vocab_size, "eod": tok.eod, "eod_terminated": True, "dtype": np.dtype(dtype).name,
             "tokenizer_identity": tok.identity, "tokenizer_sha256": tok.sha256, "tokenizer_model": tok_rel,
@@ -653,6 +700,39 @@ def _run(files, settings, state, paths, tokenizer_model, workers, progress, keep
              and os.path.exists(p)]
     _write_json(os.path.join(work, "commit.json"), {"files": new_files, "stale": stale})
     return _commit(paths, keep_work)
+
+
+def _shard_records(work: str, n_shards: int, dtype) -> list[dict]:
+    """Every shard's record (.json), checked against its files before they are merged.
+
+    A shard whose files do not hold the documents and tokens its record counts (another
+    process wrote to the work directory, or a file was damaged) loses its record, so that the
+    same command redoes it, and the run stops (WorkDirError, exit 1) instead of merging it.
+    """
+    item = np.dtype(dtype).itemsize
+    metas = []
+    for k in range(n_shards):
+        base = os.path.join(work, f"shard_{k:06d}")
+        meta, problem = _read_json(base + ".json"), None
+        if meta is None:
+            problem = "its record shard_%06d.json is missing or unreadable" % k
+        for s in SPLITS if meta else ():
+            try:
+                found = (os.path.getsize(f"{base}.{s}.len") // 4, os.path.getsize(f"{base}.{s}.bin") // item)
+            except OSError:
+                found = ("no", "no")
+            said = (meta[f"{s}_documents"], meta[f"{s}_tokens"])
+            if found != said:
+                problem = (f"its {s} files hold {found[0]} documents / {found[1]} tokens, its record "
+                           f"{said[0]} / {said[1]}")
+                break
+        if problem:
+            if meta is not None:
+                os.remove(base + ".json")
+            raise WorkDirError(f"shard {k} in {work} is inconsistent ({problem}): something else wrote to the work "
+                               "directory, or it was damaged; its record was removed, so that shard is redone")
+        metas.append(meta)
+    return metas
 
 
 def _commit(paths: dict, keep_work: bool) -> dict:

@@ -24,8 +24,6 @@ import secrets
 import socket
 import time
 
-import torch.distributed as dist
-
 LOCK_NAME = "mom_train.lock"
 
 
@@ -55,6 +53,14 @@ def _describe(holder: dict) -> str:
 
 def _take(out_dir: str, path: str, log) -> dict:
     """Create the lock file or raise ValueError naming its holder."""
+    return take_lock(path, log, f"train.out_dir '{out_dir}'", "mom-train",
+                     "wait for it to finish, stop it, or use another train.out_dir")
+
+
+def take_lock(path: str, log, what: str, tool: str, fix: str) -> dict:
+    """Create lock file ``path`` (module doc: atomic, stale locks taken over) and return its
+    holder record, or raise ValueError "{what} is in use by another {tool} (host, pid, start);
+    {fix} (if that run is gone, delete {path})". Also used by ``mom-preprocess`` for its prefix."""
     me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
           "start": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": secrets.token_hex(8)}
     for _ in range(3):
@@ -78,16 +84,32 @@ def _take(out_dir: str, path: str, log) -> dict:
                 except FileNotFoundError:
                     pass
                 continue
-            raise ValueError(
-                f"train.out_dir '{out_dir}' is in use by another mom-train ({_describe(holder)}); wait for it to "
-                f"finish, stop it, or use another train.out_dir (if that run is gone, delete {path})") from None
+            raise ValueError(f"{what} is in use by another {tool} ({_describe(holder)}); {fix} (if that run "
+                             f"is gone, delete {path})") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
             f.flush()
             os.fsync(f.fileno())
         return me
     raise ValueError(f"could not take the lock '{path}' (unreadable or changing); if no run uses "
-                     f"'{out_dir}', delete it")
+                     f"{what}, delete it")
+
+
+def _file_token(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return json.load(f).get("token")
+    except (OSError, ValueError):
+        return None
+
+
+def release_lock(path: str, token: str) -> None:
+    """Remove lock file ``path`` if it is still the one holding ``token`` (not a newer run's)."""
+    if _file_token(path) == token:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 class RunLock:
@@ -99,6 +121,8 @@ class RunLock:
     @classmethod
     def acquire(cls, out_dir: str, rank: int, log=print) -> "RunLock":
         """Rank 0 takes the lock; every rank learns the verdict and checks it sees the file."""
+        import torch.distributed as dist  # here: mom-preprocess imports this module without torch
+
         lock = cls(out_dir, rank)
         verdict = [None, None]  # [error message, token]
         if rank == 0:
@@ -133,11 +157,7 @@ class RunLock:
         return lock
 
     def _file_token(self) -> str | None:
-        try:
-            with open(self.path) as f:
-                return json.load(f).get("token")
-        except (OSError, ValueError):
-            return None
+        return _file_token(self.path)
 
     def _remove_created_dir(self) -> None:
         if self.created_dir:
@@ -150,10 +170,6 @@ class RunLock:
         """Remove the lock if this process holds it (rank 0); safe to call more than once."""
         if self.rank != 0 or self.token is None:
             return
-        if self._file_token() == self.token:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        release_lock(self.path, self.token)
         self.token = None
         self._remove_created_dir()

@@ -18,8 +18,8 @@ holding the corpus in memory:
                              same documents, usually in a different order)
 
 A `Record` carries either the text or the reason it was skipped (malformed JSON, invalid
-UTF-8 or a lone surrogate escape, missing field, empty document), so bad records are counted
-and reported, not fatal. Problems with the inputs themselves (missing path, unreadable archive,
+UTF-8 or a lone surrogate escape, missing field, empty document, larger than `max_bytes`), so
+bad records are counted and reported, not fatal. Problems with the inputs themselves (missing path, unreadable archive,
 truncated .xz) raise `InputError` before any output is written (`check_inputs`); corruption only
 visible while streaming (a .gz/.zst/.bz2 stream or a tar that ends early, a bad member inside a
 tar: `streams.py`) raises `CorruptInputError` naming the file and the byte offset where reading
@@ -45,6 +45,7 @@ SKIP_EMPTY = "empty_document"
 SKIP_UTF8 = "invalid_utf8"
 SKIP_JSON = "malformed_json"
 SKIP_FIELD = "missing_text_field"
+SKIP_TOO_LARGE = "document_too_large"  # above max_bytes (mom-preprocess --max-document-mb)
 
 _TEXT_SUFFIXES = (".txt",)
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
@@ -251,7 +252,13 @@ def _check_xz_footer(path: str) -> None:
 # --------------------------------------------------------------------------- readers
 
 
-def _decode(data: bytes, where: str) -> Record:
+def _over(size: int, max_bytes: Optional[int]) -> bool:
+    return max_bytes is not None and size > max_bytes
+
+
+def _decode(data: bytes, where: str, max_bytes: Optional[int] = None) -> Record:
+    if _over(len(data), max_bytes):
+        return Record(None, SKIP_TOO_LARGE, where)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -259,9 +266,13 @@ def _decode(data: bytes, where: str) -> Record:
     return _text_record(text, where)
 
 
-def _text_record(text, where: str, check_surrogates: bool = False) -> Record:
+def _text_record(text, where: str, check_surrogates: bool = False, max_bytes: Optional[int] = None) -> Record:
     if not isinstance(text, str):
         return Record(None, SKIP_FIELD, where)
+    # Size in UTF-8 bytes; encoding to count only when the length in characters leaves it open.
+    if _over(len(text), max_bytes) or (_over(4 * len(text), max_bytes)
+                                       and _over(len(text.encode("utf-8", "surrogatepass")), max_bytes)):
+        return Record(None, SKIP_TOO_LARGE, where)
     if not text.strip():
         return Record(None, SKIP_EMPTY, where)
     if check_surrogates:
@@ -279,23 +290,32 @@ def _open_jsonl(path: str):
     return streams.open_stream(path, "gz" if path.endswith(".gz") else "zst" if path.endswith(".zst") else None)
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
-    errors = _STREAM_ERRORS
+def _read_jsonl(path: str, text_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     offset, lineno = 0, 0
     with _open_jsonl(path) as raw:
         stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
-        lines = iter(stream)
         while True:
             try:
-                line = next(lines)
-            except StopIteration:
-                break
-            except errors as err:
+                line = stream.readline(-1 if max_bytes is None else max_bytes + 1)
+                size = len(line)
+                if _over(size, max_bytes):  # a record above the cap: read past it, never holding it
+                    while not line.endswith(b"\n"):
+                        line = stream.readline(1 << 20)
+                        if not line:
+                            break
+                        size += len(line)
+                    line = None
+            except _STREAM_ERRORS as err:
                 where = "decompressed byte" if path.endswith((".gz", ".zst")) else "byte"
                 raise _corrupt(path, f"{where} {offset} (after line {lineno})", err) from err
+            if not size:
+                break
             lineno += 1
-            offset += len(line)
+            offset += size
             where = f"{path}:{lineno}"
+            if line is None:
+                yield Record(None, SKIP_TOO_LARGE, where)
+                continue
             if not line.strip():
                 continue  # blank lines between records are not documents
             try:
@@ -314,7 +334,7 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
             yield _text_record(obj[text_field], where, check_surrogates="\\u" in line_text)
 
 
-def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
+def _read_parquet(path: str, text_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -333,11 +353,11 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
             raise _corrupt(path, f"row {row}", err) from err
         for text in batch.column(0).to_pylist():
-            yield _text_record(text, f"{path}:row{row}")
+            yield _text_record(text, f"{path}:row{row}", max_bytes=max_bytes)
             row += 1
 
 
-def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
+def _read_tar(fileobj_or_path, where: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     """Documents of a tar in the OpenWebText layout (see module docstring), in member order.
 
     Read as a stream (decompressed by its magic bytes); it must end with its end-of-archive
@@ -351,7 +371,7 @@ def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
             tar = stack.enter_context(streams.open_tar(stream))
         except _STREAM_ERRORS as err:
             raise _corrupt(where, "tar byte 0", err) from err
-        yield from _tar_members(tar, where)
+        yield from _tar_members(tar, where, max_bytes)
         try:
             streams.check_tar_end(tar)
             streams.drain(stream)
@@ -359,7 +379,7 @@ def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
             raise _corrupt(where, f"tar byte {tar.offset} (its end)", err) from err
 
 
-def _tar_members(tar, where: str) -> Iterator[Record]:
+def _tar_members(tar, where: str, max_bytes: Optional[int]) -> Iterator[Record]:
     offset = 0  # of the last member header in the (decompressed) tar stream
     members = iter(tar)
     while True:
@@ -370,9 +390,12 @@ def _tar_members(tar, where: str) -> Iterator[Record]:
         except _STREAM_ERRORS as err:
             raise _corrupt(where, f"tar byte {offset} (after the member there)", err) from err
         offset = member.offset
-        if not member.isfile():
+        if not member.isfile() or not member.name.endswith((".txt", ".xz")):
             continue
         name = f"{where}/{member.name}"
+        if member.name.endswith(".txt") and _over(member.size, max_bytes):
+            yield Record(None, SKIP_TOO_LARGE, name)  # not read: the stream skips past it
+            continue
         try:
             f = tar.extractfile(member)
             data = f.read() if f is not None else None
@@ -382,40 +405,46 @@ def _tar_members(tar, where: str) -> Iterator[Record]:
             continue
         if member.name.endswith(".txt"):
             yield _decode(data, name)
-        elif member.name.endswith(".xz"):
-            try:
-                data = lzma.decompress(data)
-            except (lzma.LZMAError, EOFError) as err:
-                raise _corrupt(where, f"member {member.name!r} (tar byte {offset}), a truncated or "
-                               "corrupt .xz", err, "re-download the archive") from err
-            if member.name.endswith(".txt.xz") or not _looks_like_tar(data):
-                yield _decode(data, name)
+            continue
+        # .xz: one document, or a tar of documents (OpenWebText); decompressed up to the cap
+        try:
+            xz = lzma.LZMADecompressor()
+            head = xz.decompress(data, max_length=-1 if max_bytes is None else max_bytes + 1)
+            if not member.name.endswith(".txt.xz") and _looks_like_tar(head):
+                yield from _read_tar(lzma.LZMAFile(io.BytesIO(data)), name, max_bytes)  # streamed
+            elif _over(len(head), max_bytes):
+                yield Record(None, SKIP_TOO_LARGE, name)
+            elif not xz.eof:
+                raise EOFError("the .xz stream ends early")
             else:
-                yield from _read_tar(io.BytesIO(data), name)
+                yield _decode(head, name)
+        except (lzma.LZMAError, EOFError) as err:
+            raise _corrupt(where, f"member {member.name!r} (tar byte {offset}), a truncated or "
+                           "corrupt .xz", err, "re-download the archive") from err
 
 
 def _looks_like_tar(data: bytes) -> bool:
     return len(data) >= 512 and data[257:262] == b"ustar"
 
 
-def _read_xz(path: str) -> Iterator[Record]:
+def _read_xz(path: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     try:
         with lzma.open(path) as f:
             head = f.read(512)
     except _STREAM_ERRORS as err:
         raise _corrupt(path, "decompressed byte 0", err) from err
     if _looks_like_tar(head):
-        yield from _read_tar(path, path)
+        yield from _read_tar(path, path, max_bytes)
     else:
         try:
             with lzma.open(path) as f:
-                data = f.read()
+                data = f.read(-1 if max_bytes is None else max_bytes + 1)  # a short read is the end
         except _STREAM_ERRORS as err:
             raise _corrupt(path, "a decompressed byte past 0 (one document)", err) from err
-        yield _decode(data, path)
+        yield _decode(data, path, max_bytes)
 
 
-def _read_saved(path: str, text_field: str) -> Iterator[Record]:
+def _read_saved(path: str, text_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     import datasets
 
     ds = datasets.load_from_disk(path)
@@ -432,27 +461,34 @@ def _read_saved(path: str, text_field: str) -> Iterator[Record]:
         # iter() over an Arrow-backed dataset reads memory-mapped batches: bounded memory.
         for i, row in enumerate(part.select_columns([text_field]).iter(batch_size=1024)):
             for j, text in enumerate(row[text_field]):
-                yield _text_record(text, f"{path}:row{i * 1024 + j}")
+                yield _text_record(text, f"{path}:row{i * 1024 + j}", max_bytes=max_bytes)
 
 
-def _read_hub(spec: str, text_field: str) -> Iterator[Record]:
+def _read_hub(spec: str, text_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     import datasets
 
     name, _, split = spec[len("hub:"):].partition(":")
     ds = datasets.load_dataset(name, split=split or "train", streaming=True)
     for i, row in enumerate(ds):
-        yield _text_record(row.get(text_field), f"{spec}:row{i}", check_surrogates=True)
+        yield _text_record(row.get(text_field), f"{spec}:row{i}", check_surrogates=True, max_bytes=max_bytes)
 
 
-def reader_for(path: str, text_field: str) -> Callable[[], Iterator[Record]]:
-    """A zero-argument function that streams the records of one resolved input."""
+def reader_for(path: str, text_field: str, max_bytes: Optional[int] = None) -> Callable[[], Iterator[Record]]:
+    """A zero-argument function that streams the records of one resolved input.
+
+    max_bytes: documents (records) larger than this are skipped as `document_too_large`,
+    without being read whole where their size is known first (files, tar members, JSON lines).
+    """
     if path.startswith("hub:"):
-        return lambda: _read_hub(path, text_field)
+        return lambda: _read_hub(path, text_field, max_bytes)
     if _is_saved_dataset(path):
-        return lambda: _read_saved(path, text_field)
+        return lambda: _read_saved(path, text_field, max_bytes)
     if path.endswith(_TEXT_SUFFIXES):
         def read_txt():
             try:
+                if _over(os.path.getsize(path), max_bytes):
+                    yield Record(None, SKIP_TOO_LARGE, path)
+                    return
                 with open(path, "rb") as f:
                     data = f.read()
             except OSError as err:
@@ -460,20 +496,22 @@ def reader_for(path: str, text_field: str) -> Callable[[], Iterator[Record]]:
             yield _decode(data, path)
         return read_txt
     if path.endswith(_JSONL_SUFFIXES):
-        return lambda: _read_jsonl(path, text_field)
+        return lambda: _read_jsonl(path, text_field, max_bytes)
     if path.endswith(_PARQUET_SUFFIXES):
-        return lambda: _read_parquet(path, text_field)
+        return lambda: _read_parquet(path, text_field, max_bytes)
     if path.endswith(".xz") and not path.endswith(".tar.xz"):
-        return lambda: _read_xz(path)
+        return lambda: _read_xz(path, max_bytes)
     if path.endswith(_ARCHIVE_SUFFIXES):
-        return lambda: _read_tar(path, path)
+        return lambda: _read_tar(path, path, max_bytes)
     raise InputError(f"unknown input kind: {path!r}")
 
 
-def iter_records(files: list[str], text_field: str = "text") -> Iterator[tuple[int, Record]]:
-    """Stream (file index, record) over resolved inputs, in order. Bounded memory."""
+def iter_records(files: list[str], text_field: str = "text",
+                 max_bytes: Optional[int] = None) -> Iterator[tuple[int, Record]]:
+    """Stream (file index, record) over resolved inputs, in order. Bounded memory (per document
+    too with `max_bytes`: see `reader_for`)."""
     for i, path in enumerate(files):
-        for record in reader_for(path, text_field)():
+        for record in reader_for(path, text_field, max_bytes)():
             yield i, record
 
 
@@ -488,5 +526,5 @@ def input_bytes(files: list[str]) -> int:
 
 __all__ = [
     "InputError", "CorruptInputError", "Record", "write_default_corpus", "check_inputs", "iter_records",
-    "reader_for", "input_bytes", "SKIP_EMPTY", "SKIP_UTF8", "SKIP_JSON", "SKIP_FIELD",
+    "reader_for", "input_bytes", "SKIP_EMPTY", "SKIP_UTF8", "SKIP_JSON", "SKIP_FIELD", "SKIP_TOO_LARGE",
 ]

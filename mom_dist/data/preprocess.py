@@ -102,6 +102,10 @@ class _Settings:
     model_type: Optional[str]
     tokenizer_train_mb: Optional[float]
     input_sentence_size: Optional[int]
+    max_document_mb: float                # larger documents are skipped (document_too_large)
+
+    def max_bytes(self) -> int:
+        return int(self.max_document_mb * 1024 * 1024)
 
 
 
@@ -291,7 +295,7 @@ def _shard_tasks(files, settings: _Settings, work: str, done: set, stats: dict):
                 "records": records, "text_bytes": nbytes, "skipped": dict(skipped),
                 "skip_examples": examples}
 
-    for _, rec in corpus.iter_records(files, settings.text_field):
+    for _, rec in corpus.iter_records(files, settings.text_field, settings.max_bytes()):
         records += 1
         stats["records"] += 1
         if rec.text is None:
@@ -395,6 +399,7 @@ def preprocess(
     shard_mb: float = 16.0,
     tokenizer_train_mb: float = 1024.0,
     input_sentence_size: int = 2_000_000,
+    max_document_mb: float = 16.0,
     keep_work: bool = False,
     progress=False,
 ) -> dict:
@@ -407,6 +412,9 @@ def preprocess(
     valid_ratio: each document goes to validation with this probability, drawn from
         (seed, document index); the first document always does when valid_ratio > 0.
         valid_ratio=0 writes no validation files.
+    max_document_mb: documents larger than this (in the input: the JSON line, the .txt file or
+        tar member, the decompressed .xz document, the parquet/dataset value) are skipped and
+        counted as `document_too_large`; encoding one takes ~55 bytes of memory per byte.
     progress: False, True, or the expected number of documents (gives an ETA).
 
     Writes, for `prefix = output_prefix`:
@@ -434,6 +442,9 @@ def preprocess(
         raise ValueError(f"workers={workers}: use 1 or more worker processes")
     if not 0.0 <= valid_ratio < 1.0:
         raise ValueError(f"valid_ratio={valid_ratio}: use a fraction in [0, 1), e.g. 0.0005")
+    if not max_document_mb > 0:
+        raise ValueError(f"max_document_mb={max_document_mb}: use a positive size in MB, e.g. 16 (encoding a "
+                         "document takes ~55 bytes of memory per byte)")
     if shard_mb <= 0:
         raise ValueError(f"shard_mb={shard_mb}: use a positive size in MB, e.g. 16")
     if model_type not in ("bpe", "unigram"):
@@ -463,6 +474,7 @@ def preprocess(
         tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None,
         tokenizer_identity=tok_identity, vocab_size=vocab_size, model_type=model_type,
         tokenizer_train_mb=tokenizer_train_mb, input_sentence_size=input_sentence_size,
+        max_document_mb=max_document_mb,
     )
     if tokenizer_model is not None:  # training options do not change the output then
         settings.vocab_size = settings.model_type = None
@@ -560,8 +572,9 @@ def _no_documents(records: int, skipped: Counter, examples: list, text_field: st
     if not records:
         return corpus.InputError(f"the inputs hold no records, so there is nothing to {what}; check the input paths")
     reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common())
-    hint = (f"check --text-field (now {text_field!r})" if skipped.most_common(1)[0][0] == corpus.SKIP_FIELD
-            else "check the inputs")
+    top = skipped.most_common(1)[0][0]
+    hint = (f"check --text-field (now {text_field!r})" if top == corpus.SKIP_FIELD
+            else "raise --max-document-mb" if top == corpus.SKIP_TOO_LARGE else "check the inputs")
     first = f"; first at {examples[0]['where']}" if examples else ""
     return corpus.InputError(f"no usable documents to {what}: all {records} records were skipped ({reasons}"
                              f"{first}); {hint}")
@@ -577,7 +590,7 @@ def _train(files, settings: _Settings, work: str) -> str:
     skipped, examples = Counter(), []
 
     def sample_texts():
-        for _, rec in corpus.iter_records(files, settings.text_field):
+        for _, rec in corpus.iter_records(files, settings.text_field, settings.max_bytes()):
             seen["records"] += 1
             if rec.text is None:
                 _count_skip(rec, skipped, examples)
@@ -689,6 +702,7 @@ def _run(files, settings, state, paths, tokenizer_model, workers, progress, keep
         "workers": workers,
         "valid_ratio": settings.valid_ratio,
         "seed": settings.seed,
+        "max_document_mb": settings.max_document_mb,
         "wall_time_s": round(time.time() - t_start, 3),
         "outputs": {s: (paths[s] if result[s] else None) for s in SPLITS},
         "state_sha256": _state_hash(state),

@@ -28,6 +28,7 @@ failed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import lzma
@@ -181,6 +182,7 @@ def check_inputs(inputs: list[str], ignored: Optional[list] = None) -> list[str]
         if path.startswith("hub:"):
             files.append(path)
             continue
+        _check_link(path)
         if not os.path.exists(path):
             raise InputError(f"input not found: {path!r}; check the path (inputs are read, never created)")
         expanded = _expand(path, ignored)
@@ -199,6 +201,7 @@ def check_inputs(inputs: list[str], ignored: Optional[list] = None) -> list[str]
 def _check_file(path: str) -> None:
     if _is_saved_dataset(path):
         return
+    _check_link(path)
     if not os.access(path, os.R_OK):
         raise InputError(f"input {path!r} is not readable; fix its permissions")
     if not path.endswith(_ALL_SUFFIXES):
@@ -231,6 +234,21 @@ def _check_file(path: str) -> None:
                 f"cannot read archive {path!r} ({' '.join(str(err).split())}); it is corrupt or not a "
                 "tar/xz file. Re-download it or remove it from the inputs"
             ) from err
+
+
+def _check_link(path: str) -> None:
+    """A symlink whose target is missing (or that loops) is named as such, with its target."""
+    if os.path.islink(path) and not os.path.exists(path):
+        target = os.readlink(path)
+        try:
+            os.stat(path)
+            why = "is a symlink that cannot be followed"
+        except FileNotFoundError:
+            why = f"is a dangling symlink: it points to {target!r}, which does not exist"
+        except OSError as err:
+            why = (f"is a symlink loop: it points to {target!r}, which leads back to it" if err.errno == errno.ELOOP
+                   else f"is a symlink to {target!r} that cannot be followed ({err.strerror})")
+        raise InputError(f"input {path!r} {why}; fix or remove the link")
 
 
 def _check_xz_footer(path: str) -> None:

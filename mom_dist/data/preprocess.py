@@ -102,7 +102,7 @@ class _Settings:
     model_type: Optional[str]
     tokenizer_train_mb: Optional[float]
     input_sentence_size: Optional[int]
-    max_document_mb: float                # larger documents are skipped (document_too_large)
+    max_document_mb: float = 16.0         # larger documents are skipped (document_too_large)
 
     def max_bytes(self) -> int:
         return int(self.max_document_mb * 1024 * 1024)

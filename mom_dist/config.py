@@ -92,7 +92,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: dict = field(default_factory=dict)  # mom_dist.data.loader.DataConfig, validated by the trainer
+    data: dict = field(default_factory=dict)  # mom_dist.data.data_config.DataConfig (types checked here)
 
     def validate(self) -> None:
         m, t, p = self.model, self.train, self.parallel
@@ -114,14 +114,14 @@ class Config:
 
 def check_data_section(data: dict) -> None:
     """Types of the ``data`` section's fields (its values are checked by the trainer's loader,
-    which needs the files): ``mom_dist.data.loader.DataConfig``, or ``{synthetic: {seed: N}}``."""
+    which needs the files): ``mom_dist.data.data_config.DataConfig``, or ``{synthetic: {seed: N}}``."""
     check(isinstance(data, dict), f"data={data!r} must be a section (a mapping), e.g. data: {{synthetic: {{seed: 1}}}}")
     synthetic = data.get("synthetic")
     if "synthetic" in data:
         if isinstance(synthetic, dict) and set(synthetic) <= {"seed"}:  # other shapes: the trainer names them
             checked_fields(SyntheticDataConfig, synthetic, "data.synthetic.")
         return
-    from mom_dist.data.loader import DataConfig
+    from mom_dist.data.data_config import DataConfig
 
     checked_fields(DataConfig, data, "data.")
 

@@ -4,7 +4,7 @@
 - `Settings` + `input_fingerprint`: what the output depends on, stored in
   `PREFIX_work/settings.json`, so a rerun resumes only the same run on the same inputs
   (`describe_change` names what changed);
-- `prefix_lock`: one run per prefix (`PREFIX_preprocess.lock`, mom-train's lock code);
+- `prefix_lock`: one run per prefix (`PREFIX_preprocess.lock`, `mom_dist.file_lock`, as mom-train);
 - atomic JSON files, a work directory removed so that a kill half-way leaves no half-deleted
   one, and the errors the CLI maps to exit codes (`OutputExistsError`, `PrefixInUseError`: 2;
   `WorkDirError`: 1).
@@ -19,6 +19,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 from typing import Optional
+
+from mom_dist.file_lock import release_lock, take_lock
 
 SPLITS = ("train", "valid")
 _FINGERPRINT_BYTES = 8192  # hashed from the start and from the end of every input file
@@ -41,9 +43,7 @@ class WorkDirError(OSError):
 def prefix_lock(path: str, prefix: str):
     """Hold `path` (PREFIX_preprocess.lock) while the run works: a second run on the prefix stops
     at once naming the first (host, pid, start); a lock whose process is gone is taken over.
-    The lock code is mom-train's out_dir lock (today in mom_dist/train/run_lock.py)."""
-    from mom_dist.train.run_lock import release_lock, take_lock
-
+    The lock code is the one mom-train's out_dir lock uses (`mom_dist.file_lock`)."""
     def note(line):
         print(f"mom-preprocess: note: {line.removeprefix('[mom_dist] ')}", file=sys.stderr)
 

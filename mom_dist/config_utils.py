@@ -35,14 +35,14 @@ def from_dict(cls, data: dict | None, where: str = ""):
     return obj
 
 
-def checked_fields(cls, data: dict | None, where: str = "", *, unknown_keys: bool = True) -> dict:
+def checked_fields(cls, data: dict | None, where: str = "") -> dict:
     """``data``'s values checked against the type annotations of dataclass ``cls``'s fields.
 
     One check for every config section, derived from the annotations, so no field can be
     forgotten: ``int`` (an integral float such as 1e4 is taken, 2.5 is refused), ``float`` (YAML
     1.1 reads ``1e-3`` as a string: numeric strings are taken), ``bool``, ``str``, ``X | None``,
     ``tuple[X, Y]`` (that length), ``tuple[X, ...]``/``list[X]``, ``dict``, and nested dataclasses
-    (a mapping, checked recursively; null is refused). Returns the
+    (a mapping, checked recursively; null is refused); unknown keys are refused too. Returns the
     converted values; raises ``ValueError("model.d_model=2.5 must be an integer (default: 768)")``.
     """
     if data is None:
@@ -50,15 +50,12 @@ def checked_fields(cls, data: dict | None, where: str = "", *, unknown_keys: boo
     if not isinstance(data, dict):
         raise ValueError(f"{where.rstrip('.') or 'the config'}={data!r} must be {_describe(cls)}")
     types = _field_types(cls)
-    if unknown_keys:
-        unknown = sorted(set(data) - set(types), key=str)
-        if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(str(key), list(types), n=1)
-            hint = f" Did you mean '{where}{close[0]}'?" if close else ""
-            raise ValueError(
-                f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(types))}."
-            )
+    unknown = sorted(set(data) - set(types), key=str)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(types), n=1)
+        hint = f" Did you mean '{where}{close[0]}'?" if close else ""
+        raise ValueError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(types))}.")
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     return {name: check_value(value, types[name], f"{where}{name}", defaults.get(name, _NO_DEFAULT))
             for name, value in data.items() if name in types}

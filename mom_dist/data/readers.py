@@ -166,7 +166,10 @@ def read_jsonl(path: str, text_field: str, max_bytes: Optional[int] = None) -> I
 def read_parquet(path: str, text_field: str, max_bytes: Optional[int] = None) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)  # reads the footer (schema, row groups), written last
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
+        raise corrupt(path, "its footer", err) from err
     if text_field not in pf.schema_arrow.names:
         raise InputError(
             f"parquet file {path!r} has no column {text_field!r} (columns: "

@@ -91,3 +91,15 @@ def test_truncated_input_is_refused_and_previous_outputs_survive(tmp_path, docs,
         assert_refused(code, err, str(path))
         assert "truncated" in err or "corrupt" in err, err
         intact(prev)
+
+
+def test_truncated_parquet_is_refused_naming_the_file(tmp_path, docs, prev, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet")
+    data = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(data[:len(data) // 2])  # its footer (the schema) is gone
+    code, err = run_cli(capsys, tmp_path / "t.parquet", "-o", prev["prefix"], "--overwrite", "--vocab-size", "400")
+    assert_refused(code, err, str(tmp_path / "t.parquet"), "corrupt or truncated")
+    intact(prev)

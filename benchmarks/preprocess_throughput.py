@@ -88,14 +88,15 @@ def run_encode(corpus, prefix, model, workers, shard_mb=None):
 
 def run_train(corpus, prefix, model, train_mb, shard_mb=None):
     """Tokenizer training inside mom-preprocess (the phase whose RSS grows with the cap)."""
-    from mom_dist.data.preprocess import _Settings, _train
+    from mom_dist.data.tokenizer_training import train_on_inputs
+    from mom_dist.data.work_dir import Settings
 
     os.makedirs(prefix, exist_ok=True)
-    settings = _Settings(files=[corpus], text_field="text", shard_mb=16, valid_ratio=0, seed=1234,
+    settings = Settings(files=[corpus], text_field="text", shard_mb=16, valid_ratio=0, seed=1234,
                          tokenizer_model=None, tokenizer_identity=None, vocab_size=8000, model_type="bpe",
                          tokenizer_train_mb=float(train_mb), input_sentence_size=2_000_000)
     t = time.time()
-    _train([corpus], settings, prefix)
+    train_on_inputs([corpus], settings, prefix)
     return {"tokens": 0, "seconds": time.time() - t}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from mom_dist.config_utils import apply_overrides, check, check_choice, from_dict, load_yaml, to_dict
+from mom_dist.config_utils import apply_overrides, check, check_choice, checked_fields, from_dict, load_yaml, to_dict
 from mom_dist.model.compile import COMPILE_BACKENDS, COMPILE_CHOICES
 from mom_dist.model.config import ModelConfig
 
@@ -28,7 +28,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 500
-    betas: tuple = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-5
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # by the global norm over module and non-module parameters
@@ -61,7 +61,7 @@ class TrainConfig:
               "train.eval_batches and train.warmup_steps must be >= 0, train.keep_last >= 1")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
         check(len(self.betas) == 2, f"train.betas={self.betas} must be two numbers, e.g. [0.9, 0.95]")
-        self.betas = tuple(float(b) for b in self.betas)
+        self.betas = tuple(float(b) for b in self.betas)  # Config(...) built in code skips from_dict
         check_choice(self.precision, ("fp32", "bf16"), "train.precision")
         check_choice(self.compile, COMPILE_CHOICES, "train.compile")
         check_choice(self.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
@@ -99,10 +99,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: dict = field(default_factory=dict)  # mom_dist.data.loader.DataConfig, validated by the trainer
+    data: dict = field(default_factory=dict)  # mom_dist.data.data_config.DataConfig (types checked here)
 
     def validate(self) -> None:
         m, t, p = self.model, self.train, self.parallel
+        check_data_section(self.data)
         m.validate()
         t.validate()
         p.validate()
@@ -116,6 +117,25 @@ class Config:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def check_data_section(data: dict) -> None:
+    """Types of the ``data`` section's fields (its values are checked by the trainer's loader,
+    which needs the files): ``mom_dist.data.data_config.DataConfig``, or ``{synthetic: {seed: N}}``."""
+    check(isinstance(data, dict), f"data={data!r} must be a section (a mapping), e.g. data: {{synthetic: {{seed: 1}}}}")
+    synthetic = data.get("synthetic")
+    if "synthetic" in data:
+        if isinstance(synthetic, dict) and set(synthetic) <= {"seed"}:  # other shapes: the trainer names them
+            checked_fields(SyntheticDataConfig, synthetic, "data.synthetic.")
+        return
+    from mom_dist.data.data_config import DataConfig
+
+    checked_fields(DataConfig, data, "data.")
+
+
+@dataclass
+class SyntheticDataConfig:
+    seed: int = 1234  # deterministic synthetic token sequences (mom_dist.train.batches)
 
 
 def check_world(ep_size: int, world: int) -> None:

@@ -1,12 +1,9 @@
 """One run per ``out_dir``: a lock file taken by rank 0 before the run writes anything.
 
-``<out_dir>/mom_train.lock`` holds JSON ``{host, pid, pid_start, start, token}``. It is created
-with ``O_CREAT | O_EXCL`` (atomic on local and NFSv3+ file systems), so of two runs started on
-the same ``out_dir`` exactly one gets it; the other stops at start with a message naming the
-holder. A lock whose holder is gone is *stale*: same host and the pid is no longer running (or
-the pid now belongs to a younger process). A stale lock is taken over with a log line; a lock
-held from another host cannot be checked from here, so it is reported with the command to
-remove it by hand.
+``<out_dir>/mom_train.lock`` is a ``mom_dist.file_lock`` lock (holder named, atomic ``O_EXCL``
+creation, stale locks taken over, the same code ``mom-preprocess`` locks its prefix with): of
+two runs started on the same ``out_dir`` exactly one gets it; the other stops at start with a
+message naming the holder.
 
 Every rank must write into the same directory: rank 0 broadcasts the lock's random token and
 each rank reads it back from its own view of ``out_dir``. A rank that does not see it (a
@@ -18,76 +15,20 @@ with SIGKILL leaves the file behind; the next run on that host finds it stale.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import socket
-import time
 
 import torch.distributed as dist
+
+from mom_dist.file_lock import file_token, release_lock, take_lock
 
 LOCK_NAME = "mom_train.lock"
 
 
-def _pid_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, pid_start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process with that pid: alive
-        pass
-    now = _pid_start(pid)
-    return pid_start is None or now is None or now == pid_start
-
-
-def _describe(holder: dict) -> str:
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('start')}"
-
-
 def _take(out_dir: str, path: str, log) -> dict:
     """Create the lock file or raise ValueError naming its holder."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-          "start": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": secrets.token_hex(8)}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                time.sleep(0.5)  # another run may be writing it right now; look again
-                continue
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)), holder.get("pid_start")):
-                # Stale: its run died without releasing it. Rename first so that of two runs
-                # taking it over at once only one removes it.
-                aside = f"{path}.stale.{me['pid']}"
-                try:
-                    os.rename(path, aside)
-                    os.remove(aside)
-                    log(f"[mom_dist] removed the stale lock of a run that no longer exists ({_describe(holder)})")
-                except FileNotFoundError:
-                    pass
-                continue
-            raise ValueError(
-                f"train.out_dir '{out_dir}' is in use by another mom-train ({_describe(holder)}); wait for it to "
-                f"finish, stop it, or use another train.out_dir (if that run is gone, delete {path})") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return me
-    raise ValueError(f"could not take the lock '{path}' (unreadable or changing); if no run uses "
-                     f"'{out_dir}', delete it")
+    return take_lock(path, log, f"train.out_dir '{out_dir}'", "mom-train",
+                     "wait for it to finish, stop it, or use another train.out_dir")
 
 
 class RunLock:
@@ -133,11 +74,7 @@ class RunLock:
         return lock
 
     def _file_token(self) -> str | None:
-        try:
-            with open(self.path) as f:
-                return json.load(f).get("token")
-        except (OSError, ValueError):
-            return None
+        return file_token(self.path)
 
     def _remove_created_dir(self) -> None:
         if self.created_dir:
@@ -150,10 +87,6 @@ class RunLock:
         """Remove the lock if this process holds it (rank 0); safe to call more than once."""
         if self.rank != 0 or self.token is None:
             return
-        if self._file_token() == self.token:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        release_lock(self.path, self.token)
         self.token = None
         self._remove_created_dir()

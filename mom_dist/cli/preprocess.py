@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--text-field", default="text", help="JSON/parquet/dataset column holding the text")
     p.add_argument("--shard-mb", type=float, default=16.0, help="text per shard (the resume unit)")
+    p.add_argument("--max-document-mb", type=float, default=16.0,
+                   help="skip (and count) larger documents; encoding one takes ~55 bytes of memory per byte")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs for the prefix")
     p.add_argument("--keep-work", action="store_true", help="keep PREFIX_work/ shards after merging")
     p.add_argument("--total-docs", type=int, default=None, help="expected documents, for the ETA")
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
             valid_ratio=args.valid_ratio, seed=args.seed, overwrite=args.overwrite,
             text_field=args.text_field, shard_mb=args.shard_mb,
             tokenizer_train_mb=args.tokenizer_train_mb, input_sentence_size=args.input_sentence_size,
-            keep_work=args.keep_work,
+            max_document_mb=args.max_document_mb, keep_work=args.keep_work,
             progress=False if args.no_progress else (args.total_docs or True),
         )
     except REJECTED + (OutputExistsError, FileNotFoundError) as err:
@@ -84,8 +86,10 @@ def main(argv=None) -> int:
     if summary["skipped_total"]:
         first = summary["skipped_examples"][0] if summary["skipped_examples"] else None
         where = f"; first at {first['where']} ({first['reason']})" if first else ""
+        large = (f"; documents above --max-document-mb {summary['max_document_mb']:g} are skipped"
+                 if summary["skipped"].get("document_too_large") else "")
         print(f"mom-preprocess: skipped {summary['skipped_total']} records: {summary['skipped']}{where} "
-              f"(up to 20 locations in {args.output_prefix}_summary.json)", file=sys.stderr)
+              f"(up to 20 locations in {args.output_prefix}_summary.json){large}", file=sys.stderr)
     return FINISHED
 
 

@@ -1,4 +1,4 @@
-"""Corpus inputs for preprocessing: the offline default corpus and streaming readers.
+"""Corpus inputs for preprocessing: the offline default corpus, input discovery and checks.
 
 Every input kind is turned into one stream of `Record`s, in a fixed order, without ever
 holding the corpus in memory:
@@ -17,65 +17,34 @@ holding the corpus in memory:
                              read in member order (an archive and its unpacked folder hold the
                              same documents, usually in a different order)
 
-A `Record` carries either the text or the reason it was skipped (malformed JSON, invalid
-UTF-8 or a lone surrogate escape, missing field, empty document), so bad records are counted
-and reported, not fatal. Problems with the inputs themselves (missing path, unreadable archive,
-truncated .xz) raise `InputError` before any output is written (`check_inputs`); corruption only
-visible while streaming (a truncated .gz, a bad member inside a tar) raises `CorruptInputError`
-naming the file and the byte offset where reading failed.
+The readers of each format are in `readers.py`, decompression in `streams.py`. A `Record`
+carries either the text or the reason it was skipped (malformed JSON, invalid UTF-8 or a lone
+surrogate escape, missing field, empty document, larger than `max_bytes`), so bad records are
+counted and reported, not fatal. Problems with the inputs themselves (missing path, dangling
+symlink, unreadable archive, truncated .xz) raise `InputError` before any output is written
+(`check_inputs`); corruption only visible while streaming (a .gz/.zst/.bz2 stream or a tar
+that ends early, a bad member inside a tar) raises `CorruptInputError` naming the file and the
+byte offset where reading failed.
 """
 from __future__ import annotations
 
-import gzip
-import io
+import errno
 import json
 import lzma
 import os
 import random
-import tarfile
-import zlib
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-# Reasons a record is skipped; the summary counts them under these names.
-SKIP_EMPTY = "empty_document"
-SKIP_UTF8 = "invalid_utf8"
-SKIP_JSON = "malformed_json"
-SKIP_FIELD = "missing_text_field"
+from mom_dist.data import readers, streams
+from mom_dist.data.readers import (  # noqa: F401  (part of this module's interface)
+    SKIP_EMPTY, SKIP_FIELD, SKIP_JSON, SKIP_TOO_LARGE, SKIP_UTF8, CorruptInputError, InputError, Record,
+)
 
 _TEXT_SUFFIXES = (".txt",)
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 _PARQUET_SUFFIXES = (".parquet",)
 _ARCHIVE_SUFFIXES = (".tar", ".tar.xz", ".tar.gz", ".tgz", ".tar.bz2", ".xz")
 _ALL_SUFFIXES = _TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES + _ARCHIVE_SUFFIXES
-
-
-class InputError(ValueError):
-    """An input cannot be read at all (missing, unreadable, unknown kind). Raised up front."""
-
-
-class CorruptInputError(InputError):
-    """An input turned out corrupt while streaming it; the message names the file and offset."""
-
-
-# What decompressors and readers raise on corrupt or truncated data (zstd's error is added
-# lazily, zstandard being optional).
-_STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError)
-
-
-def _corrupt(path: str, offset, err, fix: str = "re-download or remove it from the inputs"):
-    return CorruptInputError(
-        f"input {path!r} is corrupt or truncated at {offset} ({type(err).__name__}: {err}); {fix}"
-    )
-
-
-@dataclass
-class Record:
-    """One input document: `text`, or `skip` (a reason above) with `where` for the report."""
-
-    text: Optional[str]
-    skip: Optional[str] = None
-    where: str = ""
 
 
 # --------------------------------------------------------------------------- default corpus
@@ -177,6 +146,7 @@ def check_inputs(inputs: list[str], ignored: Optional[list] = None) -> list[str]
         if path.startswith("hub:"):
             files.append(path)
             continue
+        _check_link(path)
         if not os.path.exists(path):
             raise InputError(f"input not found: {path!r}; check the path (inputs are read, never created)")
         expanded = _expand(path, ignored)
@@ -195,6 +165,7 @@ def check_inputs(inputs: list[str], ignored: Optional[list] = None) -> list[str]
 def _check_file(path: str) -> None:
     if _is_saved_dataset(path):
         return
+    _check_link(path)
     if not os.access(path, os.R_OK):
         raise InputError(f"input {path!r} is not readable; fix its permissions")
     if not path.endswith(_ALL_SUFFIXES):
@@ -206,16 +177,16 @@ def _check_file(path: str) -> None:
         _check_xz_footer(path)
     if path.endswith((".gz", ".zst")) and not path.endswith(_ARCHIVE_SUFFIXES):
         try:
-            with _open_compressed(path) as f:
+            with readers.open_jsonl(path) as f:
                 f.read(1)
         except Exception as err:  # gzip/zstd raise several unrelated types on garbage
             raise InputError(f"cannot read compressed file {path!r} ({err}); it is corrupt or not "
                              f"{path.rsplit('.', 1)[-1]}-compressed. Re-create it or remove it from the inputs") from err
     if path.endswith(_ARCHIVE_SUFFIXES):
         try:
-            with tarfile.open(path, "r:*") as tar:
-                tar.next()
-        except (tarfile.TarError, lzma.LZMAError, EOFError, OSError, zlib.error) as err:
+            with streams.open_stream(path) as f, streams.open_tar(f):
+                pass  # opening reads the first member's header
+        except readers.STREAM_ERRORS as err:
             if path.endswith(".xz") and not path.endswith(".tar.xz"):
                 try:  # a lone .xz document (not a tar) is fine too
                     with lzma.open(path) as f:
@@ -224,9 +195,24 @@ def _check_file(path: str) -> None:
                 except (lzma.LZMAError, EOFError, OSError):
                     pass
             raise InputError(
-                f"cannot read archive {path!r} ({err}); it is corrupt or not a tar/xz file. "
-                "Re-download it or remove it from the inputs"
+                f"cannot read archive {path!r} ({' '.join(str(err).split())}); it is corrupt or not a "
+                "tar/xz file. Re-download it or remove it from the inputs"
             ) from err
+
+
+def _check_link(path: str) -> None:
+    """A symlink whose target is missing (or that loops) is named as such, with its target."""
+    if os.path.islink(path) and not os.path.exists(path):
+        target = os.readlink(path)
+        try:
+            os.stat(path)
+            why = "is a symlink that cannot be followed"
+        except FileNotFoundError:
+            why = f"is a dangling symlink: it points to {target!r}, which does not exist"
+        except OSError as err:
+            why = (f"is a symlink loop: it points to {target!r}, which leads back to it" if err.errno == errno.ELOOP
+                   else f"is a symlink to {target!r} that cannot be followed ({err.strerror})")
+        raise InputError(f"input {path!r} {why}; fix or remove the link")
 
 
 def _check_xz_footer(path: str) -> None:
@@ -245,225 +231,35 @@ def _check_xz_footer(path: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- readers
+def reader_for(path: str, text_field: str, max_bytes: Optional[int] = None) -> Callable[[], Iterator[Record]]:
+    """A zero-argument function that streams the records of one resolved input (`readers.py`).
 
-
-def _decode(data: bytes, where: str) -> Record:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return Record(None, SKIP_UTF8, where)
-    return _text_record(text, where)
-
-
-def _text_record(text, where: str, check_surrogates: bool = False) -> Record:
-    if not isinstance(text, str):
-        return Record(None, SKIP_FIELD, where)
-    if not text.strip():
-        return Record(None, SKIP_EMPTY, where)
-    if check_surrogates:
-        # JSON may escape a lone surrogate (valid JSON, not valid Unicode): SentencePiece
-        # cannot take such a str, and no UTF-8 file can hold it.
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return Record(None, SKIP_UTF8, where)
-    return Record(text, None, where)
-
-
-def _open_compressed(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
-
-
-def _read_jsonl(path: str, text_field: str) -> Iterator[Record]:
-    errors = _STREAM_ERRORS
-    if path.endswith(".zst"):
-        import zstandard
-
-        errors = errors + (zstandard.ZstdError,)
-    offset, lineno = 0, 0
-    with _open_compressed(path) as raw:
-        stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
-        lines = iter(stream)
-        while True:
-            try:
-                line = next(lines)
-            except StopIteration:
-                break
-            except errors as err:
-                where = "decompressed byte" if path.endswith((".gz", ".zst")) else "byte"
-                raise _corrupt(path, f"{where} {offset} (after line {lineno})", err) from err
-            lineno += 1
-            offset += len(line)
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue  # blank lines between records are not documents
-            try:
-                line_text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                yield Record(None, SKIP_UTF8, where)
-                continue
-            try:
-                obj = json.loads(line_text)
-            except json.JSONDecodeError:
-                yield Record(None, SKIP_JSON, where)
-                continue
-            if not isinstance(obj, dict) or text_field not in obj:
-                yield Record(None, SKIP_FIELD, where)
-                continue
-            yield _text_record(obj[text_field], where, check_surrogates="\\u" in line_text)
-
-
-def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise InputError(
-            f"parquet file {path!r} has no column {text_field!r} (columns: "
-            f"{pf.schema_arrow.names}); pass --text-field"
-        )
-    row = 0
-    batches = pf.iter_batches(batch_size=1024, columns=[text_field])
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
-            raise _corrupt(path, f"row {row}", err) from err
-        for text in batch.column(0).to_pylist():
-            yield _text_record(text, f"{path}:row{row}")
-            row += 1
-
-
-def _read_tar(fileobj_or_path, where: str) -> Iterator[Record]:
-    """Documents of a tar in the OpenWebText layout (see module docstring), in member order."""
-    if isinstance(fileobj_or_path, str):
-        tar = tarfile.open(fileobj_or_path, "r:*")
-    else:
-        tar = tarfile.open(fileobj=fileobj_or_path, mode="r|*")
-    offset = 0  # of the last member header in the (decompressed) tar stream
-    with tar:
-        members = iter(tar)
-        while True:
-            try:
-                member = next(members)
-            except StopIteration:
-                break
-            except _STREAM_ERRORS as err:
-                raise _corrupt(where, f"tar byte {offset} (after the member there)", err) from err
-            offset = member.offset
-            if not member.isfile():
-                continue
-            name = f"{where}/{member.name}"
-            try:
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else None
-            except _STREAM_ERRORS as err:
-                raise _corrupt(where, f"member {member.name!r} (tar byte {offset})", err) from err
-            if data is None:
-                continue
-            if member.name.endswith(".txt"):
-                yield _decode(data, name)
-            elif member.name.endswith(".xz"):
-                try:
-                    data = lzma.decompress(data)
-                except (lzma.LZMAError, EOFError) as err:
-                    raise _corrupt(where, f"member {member.name!r} (tar byte {offset}), a truncated or "
-                                   "corrupt .xz", err, "re-download the archive") from err
-                if member.name.endswith(".txt.xz") or not _looks_like_tar(data):
-                    yield _decode(data, name)
-                else:
-                    yield from _read_tar(io.BytesIO(data), name)
-
-
-def _looks_like_tar(data: bytes) -> bool:
-    return len(data) >= 512 and data[257:262] == b"ustar"
-
-
-def _read_xz(path: str) -> Iterator[Record]:
-    try:
-        with lzma.open(path) as f:
-            head = f.read(512)
-    except _STREAM_ERRORS as err:
-        raise _corrupt(path, "decompressed byte 0", err) from err
-    if _looks_like_tar(head):
-        yield from _read_tar(path, path)
-    else:
-        try:
-            with lzma.open(path) as f:
-                data = f.read()
-        except _STREAM_ERRORS as err:
-            raise _corrupt(path, "a decompressed byte past 0 (one document)", err) from err
-        yield _decode(data, path)
-
-
-def _read_saved(path: str, text_field: str) -> Iterator[Record]:
-    import datasets
-
-    ds = datasets.load_from_disk(path)
-    if isinstance(ds, datasets.DatasetDict):
-        splits = [ds[k] for k in sorted(ds)]
-    else:
-        splits = [ds]
-    for part in splits:
-        if text_field not in part.column_names:
-            raise InputError(
-                f"dataset {path!r} has no column {text_field!r} (columns: {part.column_names}); "
-                "pass --text-field"
-            )
-        # iter() over an Arrow-backed dataset reads memory-mapped batches: bounded memory.
-        for i, row in enumerate(part.select_columns([text_field]).iter(batch_size=1024)):
-            for j, text in enumerate(row[text_field]):
-                yield _text_record(text, f"{path}:row{i * 1024 + j}")
-
-
-def _read_hub(spec: str, text_field: str) -> Iterator[Record]:
-    import datasets
-
-    name, _, split = spec[len("hub:"):].partition(":")
-    ds = datasets.load_dataset(name, split=split or "train", streaming=True)
-    for i, row in enumerate(ds):
-        yield _text_record(row.get(text_field), f"{spec}:row{i}", check_surrogates=True)
-
-
-def reader_for(path: str, text_field: str) -> Callable[[], Iterator[Record]]:
-    """A zero-argument function that streams the records of one resolved input."""
+    max_bytes: documents (records) larger than this are skipped as `document_too_large`,
+    without being read whole where their size is known first (files, tar members, JSON lines).
+    """
     if path.startswith("hub:"):
-        return lambda: _read_hub(path, text_field)
+        return lambda: readers.read_hub(path, text_field, max_bytes)
     if _is_saved_dataset(path):
-        return lambda: _read_saved(path, text_field)
+        return lambda: readers.read_saved(path, text_field, max_bytes)
     if path.endswith(_TEXT_SUFFIXES):
-        def read_txt():
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as err:
-                raise _corrupt(path, "byte 0", err, "check the file and its permissions") from err
-            yield _decode(data, path)
-        return read_txt
+        return lambda: readers.read_txt(path, max_bytes)
     if path.endswith(_JSONL_SUFFIXES):
-        return lambda: _read_jsonl(path, text_field)
+        return lambda: readers.read_jsonl(path, text_field, max_bytes)
     if path.endswith(_PARQUET_SUFFIXES):
-        return lambda: _read_parquet(path, text_field)
+        return lambda: readers.read_parquet(path, text_field, max_bytes)
     if path.endswith(".xz") and not path.endswith(".tar.xz"):
-        return lambda: _read_xz(path)
+        return lambda: readers.read_xz(path, max_bytes)
     if path.endswith(_ARCHIVE_SUFFIXES):
-        return lambda: _read_tar(path, path)
+        return lambda: readers.read_tar(path, path, max_bytes)
     raise InputError(f"unknown input kind: {path!r}")
 
 
-def iter_records(files: list[str], text_field: str = "text") -> Iterator[tuple[int, Record]]:
-    """Stream (file index, record) over resolved inputs, in order. Bounded memory."""
+def iter_records(files: list[str], text_field: str = "text",
+                 max_bytes: Optional[int] = None) -> Iterator[tuple[int, Record]]:
+    """Stream (file index, record) over resolved inputs, in order. Bounded memory (per document
+    too with `max_bytes`: see `reader_for`)."""
     for i, path in enumerate(files):
-        for record in reader_for(path, text_field)():
+        for record in reader_for(path, text_field, max_bytes)():
             yield i, record
 
 
@@ -478,5 +274,5 @@ def input_bytes(files: list[str]) -> int:
 
 __all__ = [
     "InputError", "CorruptInputError", "Record", "write_default_corpus", "check_inputs", "iter_records",
-    "reader_for", "input_bytes", "SKIP_EMPTY", "SKIP_UTF8", "SKIP_JSON", "SKIP_FIELD",
+    "reader_for", "input_bytes", "SKIP_EMPTY", "SKIP_UTF8", "SKIP_JSON", "SKIP_FIELD", "SKIP_TOO_LARGE",
 ]

@@ -4,7 +4,8 @@
 - ``{synthetic: {seed: 1234}}``: deterministic synthetic sequences (``batches.SyntheticTokens``),
   for tests and smoke runs;
 - otherwise a ``mom_dist.data.loader.DataConfig`` (indexed ``.bin/.idx`` prefixes from
-  ``mom-preprocess``, blends, splits), fed through megatron-core's GPTDataset.
+  ``mom-preprocess``, blends, splits), fed through megatron-core's GPTDataset; its index cache
+  defaults to ``<train.out_dir>/index_cache``.
 Both follow the micro-batch contract in ``batches.py``. Data problems (missing files, a
 tokenizer whose vocabulary does not match ``model.vocab_size``) raise here, before training
 starts.
@@ -15,6 +16,8 @@ the split is smaller); the trainer's ``evaluate`` spreads them over the ranks.
 """
 
 from __future__ import annotations
+
+import os
 
 from mom_dist.config import Config
 from mom_dist.train.batches import SyntheticTokens
@@ -46,6 +49,9 @@ class IndexedData:
         data = dict(cfg.data)
         data.setdefault("seq_length", cfg.train.seq_len)
         data.setdefault("seed", cfg.train.seed)
+        # The index cache lives where only this run writes (not next to the data, which others
+        # may write: mom_dist.data.index_cache) and works with a read-only data folder.
+        data.setdefault("cache_dir", os.path.join(cfg.train.out_dir, "index_cache"))
         self.data_cfg = DataConfig.from_dict(data)
         if self.data_cfg.seq_length != cfg.train.seq_len:
             raise ValueError(f"data.seq_length={self.data_cfg.seq_length} differs from train.seq_len="

@@ -126,3 +126,22 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
               for sp in (spm.SentencePieceProcessor(model_file=str(p) + "_tokenizer.model")
                          for p in (tmp_path / "clean" / "p", prefix))]
     assert pieces[0] == pieces[1]
+
+
+def test_dangling_symlink_is_named_with_its_target(tmp_path, docs):
+    """Issue 15: a dangling link was reported as "not readable; fix its permissions"."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", docs[:3])
+    os.symlink(tmp_path / "moved" / "b.jsonl", d / "b.jsonl")
+    os.symlink("c.jsonl", tmp_path / "loop.jsonl")
+    os.symlink("loop.jsonl", tmp_path / "c.jsonl")
+    for inp, target in ((d, tmp_path / "moved" / "b.jsonl"), (d / "b.jsonl", tmp_path / "moved" / "b.jsonl"),
+                        (tmp_path / "loop.jsonl", "c.jsonl")):
+        r = cli(str(inp), "-o", str(tmp_path / "out" / "p"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("mom-preprocess: error: "), r.stderr
+        assert "permissions" not in lines[0] and f"points to '{target}'" in lines[0], lines[0]
+        assert ("a dangling symlink" if "moved" in str(target) else "a symlink loop") in lines[0], lines[0]
+        assert "fix or remove the link" in lines[0]
+    assert not (tmp_path / "out").exists()

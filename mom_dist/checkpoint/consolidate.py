@@ -6,7 +6,7 @@ config. Checkpoints in DeepSpeed's own format (earlier versions) are read from i
 non-module weights from ``mp_rank_00_model_states.pt`` and one ``layer_{L}_expert_{r}_...``
 file per pool and EP rank (its slice of the stacked module tensors), never running code from
 them (``safe_load``). Every file ``mom_state.json`` records is checked against its size and
-crc32 before it is read (``integrity``); a damaged one is one line naming it and the previous
+checksum before it is read (``integrity``); a damaged one is one line naming it and the previous
 good checkpoint. ``same_architecture`` says whether the weights of one model config load into
 another.
 """

@@ -1,7 +1,7 @@
 """A DeepSpeed engine's training state into a step directory, and back in any layout.
 
 ``save_engine`` has every rank write the pieces it owns (``engine_state`` -> ``shards``) and its
-RNG state, rank 0 the step's ``mom_state.json`` with every rank's file records (size, crc32:
+RNG state, rank 0 the step's ``mom_state.json`` with every rank's file records (size, checksum:
 ``integrity``), and moves ``latest`` only once every rank has finished, so a crash during a save
 leaves the previous checkpoint in force; a rank that cannot write (a full disk) makes every rank
 raise, none is left waiting. ``load_engine`` first verifies the recorded files (the ranks share

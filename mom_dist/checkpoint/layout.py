@@ -9,8 +9,8 @@
         mom_state.json                          step, consumed samples, format, layout, engine
                                                 counters and schedule, config, the step's loss and
                                                 whether it was finite (``engine_io``), the size and
-                                                crc32 of every other file (``integrity``) and a
-                                                crc32 of its own content (``state_crc32``)
+                                                checksum of every other file (``integrity``) and a
+                                                checksum of its own content (``state_xxh3_64``)
 
 This module spells those names; every reader and writer of the format takes them from here. It
 also says what a damaged file is (``DamagedCheckpoint``: one line naming the file and the
@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
+
+import xxhash
 
 CHECKPOINTS = "checkpoints"
+CHECKSUM = "xxh3_64"  # the hash of every checksum a checkpoint records (``integrity``)
+STATE_CHECKSUM = "state_" + CHECKSUM
 LATEST = "latest"
 STATE_FILE = "mom_state.json"
 
@@ -122,15 +125,15 @@ def _intact(tag_dir: str) -> bool:
         return False
 
 
-def _state_crc(state: dict) -> str:
-    """crc32 of the state's content (key order and layout of the file do not matter)."""
-    body = {k: v for k, v in state.items() if k != "state_crc32"}
-    return f"{zlib.crc32(json.dumps(body, sort_keys=True, default=str).encode()):08x}"
+def _state_checksum(state: dict) -> str:
+    """The checksum of the state's content (key order and layout of the file do not matter)."""
+    body = {k: v for k, v in state.items() if k != STATE_CHECKSUM}
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 def read_state(tag_dir: str) -> dict:
     """A checkpoint's ``mom_state.json``; a missing or broken one is an incomplete checkpoint, one
-    whose content does not match its ``state_crc32`` a damaged one."""
+    whose content does not match its recorded checksum a damaged one."""
     path = os.path.join(tag_dir, STATE_FILE)
     try:
         with open(path) as f:
@@ -142,16 +145,16 @@ def read_state(tag_dir: str) -> dict:
         raise ValueError(f"'{path}' is not valid JSON ({e}); point 'latest' at a complete checkpoint") from None
     if not isinstance(state, dict):
         raise DamagedCheckpoint(path, "it does not hold a JSON object")
-    recorded = state.get("state_crc32")
-    if recorded is not None and recorded != _state_crc(state):  # absent: written before checksums
-        raise DamagedCheckpoint(path, "its content does not match the crc32 it records: flipped bits, or edited "
-                                "(if you edited it on purpose, delete its \"state_crc32\" entry)")
+    recorded = state.get(STATE_CHECKSUM)
+    if recorded is not None and recorded != _state_checksum(state):  # absent: written before checksums
+        raise DamagedCheckpoint(path, "its content does not match the checksum it records: flipped bits, or "
+                                f"edited (if you edited it on purpose, delete its \"{STATE_CHECKSUM}\" entry)")
     return state
 
 
 def write_state(tag_dir: str, state: dict) -> None:
     state = json.loads(json.dumps(state, default=str))  # what a reader will see (tuples as lists, ...)
-    state["state_crc32"] = _state_crc(state)
+    state[STATE_CHECKSUM] = _state_checksum(state)
     with open(os.path.join(tag_dir, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
 

@@ -10,7 +10,7 @@ each rank a share, all learning the first problem), so a file that would run cod
 before DeepSpeed sees it - and DeepSpeed only ever loads from the run's own ``out_dir``.
 
 RNG files (``rng_rank00003.pt``) hold plain tensors: torch's CPU (and CUDA) generator state and
-Python's ``random`` state as an int64 tensor. ``save_rng`` returns the file's size and crc32,
+Python's ``random`` state as an int64 tensor. ``save_rng`` returns the file's size and checksum,
 hashed from the bytes it wrote (``integrity``). A file torch cannot read (truncated, flipped
 bits in its zip structure) is a ``DamagedCheckpoint``: one line naming it.
 """
@@ -89,7 +89,7 @@ def verify_plain_all(tag_dir: str, rank: int, world_size: int) -> None:
 
 
 def save_rng(path: str) -> dict:
-    """Write this process's RNG state; returns the file's record (bytes, crc32)."""
+    """Write this process's RNG state; returns the file's record (bytes, checksum)."""
     version, state, gauss = random.getstate()
     rng = {"torch": torch.get_rng_state(), "python_version": torch.tensor(version),
            "python_state": torch.tensor(state, dtype=torch.int64),

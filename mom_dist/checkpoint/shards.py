@@ -14,7 +14,7 @@ rank's modules, a ZeRO partition fragment, a replica's share - is one range [sta
 Ranks write the pieces they own; readers find the pieces overlapping the range they need in
 their own layout (``ShardedState.read``), reading only those bytes. safetensors holds no code,
 so loading a checkpoint never unpickles anything. Every shard file is written by ``write_shard``
-(which returns its size and crc32, hashed from the bytes it wrote: ``integrity``) and opened by
+(which returns its size and checksum, hashed from the bytes it wrote: ``integrity``) and opened by
 ``open_shard`` (which checks them when given the record, and turns a file safetensors cannot
 read - truncated, a damaged header - into one ``DamagedCheckpoint`` line naming it).
 """
@@ -35,7 +35,7 @@ FORMAT = "mom_dist.sharded.v1"
 
 def write_shard(path: str, tensors: dict, metadata: dict) -> dict:
     """Write one shard file (the only place one is written); returns its record
-    ``{"bytes", "crc32"}`` for ``mom_state.json``."""
+    ``{"bytes", "xxh3_64"}`` for ``mom_state.json``."""
     from safetensors.torch import save_file
 
     # Own copies on the CPU (views of one flat partition share storage, which safetensors refuses;
@@ -47,7 +47,7 @@ def write_shard(path: str, tensors: dict, metadata: dict) -> dict:
 
 def open_shard(path: str, record: dict | None = None):
     """Open one shard file for reading slices (the only place one is opened), after checking it
-    against its ``record`` (size, crc32) when there is one. Returns (file, global shapes, step
+    against its ``record`` (size, checksum) when there is one. Returns (file, global shapes, step
     counts); a file that is not a readable shard of this format is a ``DamagedCheckpoint``."""
     from safetensors import safe_open
 
@@ -74,7 +74,7 @@ def _first_line(e: Exception) -> str:
 
 def write_pieces(tag_dir: str, rank: int, world: int, pieces: list, shapes: dict, steps: dict) -> dict:
     """Write this rank's pieces [(kind, name, global start, 1-D tensor)]; returns the file's
-    record (bytes, crc32)."""
+    record (bytes, checksum)."""
     tensors = {f"{kind}:{name}:{start}": t.detach().reshape(-1) for kind, name, start, t in pieces}
     meta = {"format": FORMAT, "rank": str(rank), "world": str(world),
             "shapes": json.dumps({k: list(v) for k, v in shapes.items()}), "steps": json.dumps(steps)}

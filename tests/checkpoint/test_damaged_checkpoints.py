@@ -12,13 +12,13 @@ import shutil
 import struct
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
+import xxhash
 
-from tests.dist_utils import ROOT
-from tests.parallel.test_checkpoint_safety import ENV, errors, latest, mom_train, snapshot
+from tests.dist_utils import ROOT, free_port, worker_env
+from tests.parallel.test_checkpoint_safety import ENV, cmd, errors, latest, mom_train, snapshot
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pre_move_checkpoint", "run")
 
@@ -170,7 +170,7 @@ def _flip_middle(path):
 
 
 def test_checksums_are_recorded_for_every_file_of_the_step(good_run):
-    """crc32 of each file's bytes (zlib, read back here), and the file's size, in mom_state.json."""
+    """XXH3-64 of each file's bytes (xxhash over the file read back here) and its size, in mom_state.json."""
     tag = step_dir(good_run, 2)
     state = json.load(open(tag / "mom_state.json"))
     names = sorted(f for f in os.listdir(tag) if f != "mom_state.json")
@@ -178,7 +178,7 @@ def test_checksums_are_recorded_for_every_file_of_the_step(good_run):
     assert sorted(state["files"]) == names
     for name in names:
         data = open(tag / name, "rb").read()
-        assert state["files"][name] == {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+        assert state["files"][name] == {"bytes": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
 
 
 def test_pre_checksum_checkpoint_loads_quietly_and_damage_is_still_one_line(tmp_path):
@@ -207,3 +207,27 @@ def test_pruning_keeps_the_checkpoint_the_run_resumed_from(good_run, tmp_path):
     kept = sorted(t for t in os.listdir(run / "checkpoints") if t.startswith("step"))
     assert kept == ["step00000002", "step00000004", "step00000005"], kept
     assert errors(proc) == []
+
+
+def test_two_ranks_leave_together_when_one_finds_damage(tmp_path):
+    """EP2 on 2 processes: the ranks share the verification (each hashes its share of the files);
+    rank 1's damaged shard is found by one rank and refused by both, exit 2, no hang."""
+    out = tmp_path / "run"
+
+    def ranks(*extra):
+        args, port = cmd(out, "parallel.ep_size=2", *extra), free_port()
+        procs = [subprocess.Popen(args, cwd=ROOT, env=worker_env(r, 2, port), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for r in range(2)]
+        return [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+
+    assert [r[2] for r in ranks("train.stop_after=2")] == [0, 0]
+    path = step_dir(out, 2) / "state_rank00001.safetensors"
+    flip_tensor_bit(path)
+    before = snapshot(out)
+    logs = ranks("train.steps=4")
+    assert [r[2] for r in logs] == [2, 2], logs
+    for _, err, _ in logs:
+        (msg,) = [x for x in err.splitlines() if x.startswith("mom-train: error:")]
+        assert_names_file_and_previous(msg, path, out)
+        assert "Traceback" not in err
+    assert snapshot(out) == before

@@ -211,7 +211,7 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(good_run, tmp_path):
     # its pickled weights: make the checkpoint look like one (no format mark, DeepSpeed's file)
     with open(step / "mom_state.json") as f:
         state = json.load(f)
-    for key in ("format", "files", "state_crc32"):  # what those versions did not write
+    for key in ("format", "files", "state_xxh3_64"):  # what those versions did not write
         state.pop(key)
     with open(step / "mom_state.json", "w") as f:
         json.dump(state, f)

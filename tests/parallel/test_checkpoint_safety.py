@@ -199,8 +199,17 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(good_run, tmp_path):
     out = copy_of(good_run, tmp_path)
     marker = tmp_path / "pwned"
     step = out / "checkpoints" / "step00000002"
-    # resume: the RNG files are the checkpoint's only pickles (the state itself is safetensors)
+    # resume: the RNG files are the checkpoint's only pickles (the state itself is safetensors).
+    # A swapped file fails its checksum first; one whose checksum was forged to match (mom_state.json
+    # rewritten with it) is still only read as plain data.
     _poison(step / "rng_rank00000.pt", marker)
+    proc = mom_train(out)
+    assert proc.returncode == 2 and "is damaged (" in errors(proc)[0], proc.stderr[-3000:]
+    from mom_dist.checkpoint.integrity import file_record
+    from mom_dist.checkpoint.layout import read_state, write_state
+    state = read_state(str(step))
+    state["files"]["rng_rank00000.pt"] = file_record(str(step / "rng_rank00000.pt"))
+    write_state(str(step), state)
     before = snapshot(out)
     proc = mom_train(out)
     assert proc.returncode == 2, proc.stderr[-3000:]

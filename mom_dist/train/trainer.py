@@ -230,9 +230,9 @@ def _train(cfg: Config, dims, log) -> TrainResult:
                 if last:
                     vl, ppl = loss_v, ppl_v
         if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
-            if nonfinite:  # never a non-finite state as `latest`: the previous one stays
+            if nonfinite:  # never a skipped (non-finite, spiking) step as `latest`: the previous one stays
                 if dims.rank == 0:
-                    log(f"[mom_dist] step {step} is non-finite: no checkpoint; latest stays {ckpt.latest_tag()}")
+                    log(f"[mom_dist] step {step} was skipped: no checkpoint; latest stays {ckpt.latest_tag()}")
             else:
                 last_tag = ckpt.save_checked(step, consumed, cfg.to_dict(), loss=parts[0].item(),
                                              extra={"loss_window": list(guard.recent)})

@@ -169,6 +169,16 @@ def _flip_middle(path):
     open(path, "wb").write(bytes(data))
 
 
+def test_truncated_exported_model_is_one_line(good_run, tmp_path):
+    """An exported directory's model.safetensors cut short: mom-convert to-hf says so in one line."""
+    export = cli("convert", "export", good_run, "-o", tmp_path / "exp")
+    assert export.returncode == 0, export.stderr[-3000:]
+    truncate(tmp_path / "exp" / "model.safetensors")
+    to_hf = cli("convert", "to-hf", tmp_path / "exp", "-o", tmp_path / "hf", "--no-tokenizer")
+    assert to_hf.returncode == 2 and not (tmp_path / "hf").exists()
+    assert f"'{tmp_path / 'exp' / 'model.safetensors'}' is damaged" in one_error_line(to_hf, "mom-convert")
+
+
 def test_checksums_are_recorded_for_every_file_of_the_step(good_run):
     """XXH3-64 of each file's bytes (xxhash over the file read back here) and its size, in mom_state.json."""
     tag = step_dir(good_run, 2)

@@ -18,18 +18,10 @@ import torch
 import xxhash
 
 from tests.dist_utils import ROOT, free_port, worker_env
-from tests.parallel.test_checkpoint_safety import ENV, cmd, errors, latest, mom_train, snapshot
+from tests.parallel.test_checkpoint_safety import (ENV, cmd, copy_of, errors, good_run, latest, mom_train,  # noqa: F401
+                                                   snapshot)
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pre_move_checkpoint", "run")
-
-
-@pytest.fixture(scope="module")
-def good_run(tmp_path_factory):
-    """Two finite steps, a checkpoint after each (keep_last=1 keeps both)."""
-    out = tmp_path_factory.mktemp("good") / "run"
-    proc = mom_train(out, "train.stop_after=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +73,7 @@ def one_error_line(proc, tool):
 
 
 def damaged(tmp_path, good_run, damage, file="state_rank00000.safetensors"):
-    run = tmp_path / "run"
-    shutil.copytree(good_run, run)
+    run = copy_of(good_run, tmp_path)
     path = step_dir(run, 2) / file
     damage(path)
     return run, path
@@ -209,8 +200,7 @@ def test_pre_checksum_checkpoint_loads_quietly_and_damage_is_still_one_line(tmp_
 
 def test_pruning_keeps_the_checkpoint_the_run_resumed_from(good_run, tmp_path):
     """keep_last=1 after a resume: step 2 (verified when loaded) stays until the run ends."""
-    run = tmp_path / "run"
-    shutil.copytree(good_run, run)
+    run = copy_of(good_run, tmp_path)
     proc = mom_train(run, "train.steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest(run) == "step00000005"

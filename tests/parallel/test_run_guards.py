@@ -12,7 +12,6 @@ processes on a tiny model whose learning rate is chosen to blow up:
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,22 +20,7 @@ import time
 import pytest
 
 from tests.dist_utils import ROOT
-from tests.parallel.test_checkpoint_safety import ENV, cmd, errors, latest, mom_train
-
-
-@pytest.fixture(scope="module")
-def good_run(tmp_path_factory):
-    """Two finite steps (lr 1e-2), a checkpoint after each."""
-    out = tmp_path_factory.mktemp("good") / "run"
-    proc = mom_train(out, "train.stop_after=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-def copy_of(good_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(good_run, dst)
-    return dst
+from tests.parallel.test_checkpoint_safety import ENV, cmd, copy_of, errors, good_run, latest, mom_train  # noqa: F401
 
 
 def tags(out):

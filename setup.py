@@ -16,7 +16,7 @@ setup(
     # CPU machines; install it first (requirements-cpu.txt pins the tested CPU stack).
     install_requires=["deepspeed>=0.19", "megatron-core>=0.16", "datasets", "sentencepiece", "numpy", "pyyaml",
                       "tqdm", "zstandard", "safetensors",
-                      "matplotlib"],
+                      "matplotlib", "xxhash"],
     extras_require={"mpi": ["mpi4py"], "tensorboard": ["tensorboard"], "test": ["pytest", "transformers"],
                     "finetune": ["rouge-score==0.1.2"],
                     # lm-evaluation-harness on `mom-convert to-hf` directories (tested with these)

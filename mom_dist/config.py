@@ -47,6 +47,9 @@ class TrainConfig:
     stop_after: int | None = None  # leave (with a checkpoint) after this many steps in this launch
     keep_last: int = 2  # checkpoints kept (older ones deleted after a newer one is complete)
     max_nonfinite_steps: int = 3  # consecutive non-finite steps (updates skipped) before exit code 3
+    # Opt-in loss-spike guard: a step whose loss exceeds this x the median loss of the last 20
+    # accepted steps is skipped like a non-finite one (train/divergence.py). null: off.
+    max_loss_ratio: float | None = None
     telemetry_interval: int = 50
     tensorboard: bool = True
 
@@ -57,6 +60,10 @@ class TrainConfig:
         check(self.save_interval >= 0, "train.save_interval must be >= 0 (0 disables checkpoints)")
         check(self.stop_after is None or self.stop_after >= 1, "train.stop_after must be >= 1 or null")
         check(self.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
+        check(self.max_loss_ratio is None or (isinstance(self.max_loss_ratio, (int, float))
+                                              and not isinstance(self.max_loss_ratio, bool) and self.max_loss_ratio > 1),
+              f"train.max_loss_ratio={self.max_loss_ratio!r} must be a number > 1 (e.g. 3: skip steps whose loss is over "
+              "3x the recent median), or null to turn the loss-spike guard off")
         check(self.eval_batches >= 0 and self.warmup_steps >= 0 and self.keep_last >= 1,
               "train.eval_batches and train.warmup_steps must be >= 0, train.keep_last >= 1")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "train.lr must be > 0 and train.min_lr_ratio in [0, 1]")

@@ -5,8 +5,10 @@
 config. Checkpoints in DeepSpeed's own format (earlier versions) are read from its files:
 non-module weights from ``mp_rank_00_model_states.pt`` and one ``layer_{L}_expert_{r}_...``
 file per pool and EP rank (its slice of the stacked module tensors), never running code from
-them (``safe_load``). ``same_architecture`` says whether the weights of one model config load
-into another.
+them (``safe_load``). Every file ``mom_state.json`` records is checked against its size and
+checksum before it is read (``integrity``); a damaged one is one line naming it and the previous
+good checkpoint. ``same_architecture`` says whether the weights of one model config load into
+another.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 
 import torch
 
+from mom_dist.checkpoint.integrity import verify_files
 from mom_dist.checkpoint.layout import find_tag_dir, read_state
 from mom_dist.checkpoint.safe_load import load_plain
 from mom_dist.checkpoint.shards import FORMAT, ShardedState
@@ -29,9 +32,10 @@ def consolidate(path: str, tag: str | None = None) -> tuple[ModelConfig, dict, d
     state = read_state(tag_dir)
     mcfg = from_dict(ModelConfig, state["config"]["model"], "model.")
     if state.get("format") == FORMAT:
-        reader = ShardedState(tag_dir, state["layout"]["world_size"])
+        reader = ShardedState(tag_dir, state["layout"]["world_size"], records=state.get("files"))
         sd = {name: reader.full("param", name) for name in reader.shapes}
     else:
+        verify_files(tag_dir, state.get("files"))
         sd = _consolidate_deepspeed(tag_dir)
     missing = _expected_keys(mcfg) - set(sd)
     if missing:

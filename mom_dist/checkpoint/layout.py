@@ -8,9 +8,13 @@
         rng_rank00001.pt                        rank 1's torch/python RNG state (``safe_load``)
         mom_state.json                          step, consumed samples, format, layout, engine
                                                 counters and schedule, config, the step's loss and
-                                                whether it was finite (``engine_io``)
+                                                whether it was finite (``engine_io``), the size and
+                                                checksum of every other file (``integrity``) and a
+                                                checksum of its own content (``state_xxh3_64``)
 
-This module spells those names; every reader and writer of the format takes them from here.
+This module spells those names; every reader and writer of the format takes them from here. It
+also says what a damaged file is (``DamagedCheckpoint``: one line naming the file and the
+previous good checkpoint next to it, ``previous_good``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from __future__ import annotations
 import json
 import os
 
+import xxhash
+
 CHECKPOINTS = "checkpoints"
+CHECKSUM = "xxh3_64"  # the hash of every checksum a checkpoint records (``integrity``)
+STATE_CHECKSUM = "state_" + CHECKSUM
 LATEST = "latest"
 STATE_FILE = "mom_state.json"
 
@@ -66,22 +74,89 @@ def write_latest(ckpt_dir: str, tag: str) -> None:
     os.replace(tmp, os.path.join(ckpt_dir, LATEST))
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is truncated, has flipped bits or does not match its record: the
+    message names the file, what is wrong, and the previous good checkpoint next to it."""
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        super().__init__(f"checkpoint file '{path}' is damaged ({problem}); {_fallback(os.path.dirname(path))}")
+
+
+def _fallback(tag_dir: str) -> str:
+    prev = previous_good(tag_dir)
+    if prev is None:
+        return ("there is no earlier checkpoint next to it: restore the file from a copy, or start a new "
+                "train.out_dir")
+    ckpts, tag = os.path.split(prev)
+    return (f"the previous good checkpoint is '{prev}': resume from it by writing '{tag}' into "
+            f"'{os.path.join(ckpts, LATEST)}', or pass that directory to mom-convert export, mom-eval or "
+            "train.init_from")
+
+
+def previous_good(tag_dir: str) -> str | None:
+    """The newest step directory older than ``tag_dir`` next to it that is complete, finite and
+    whose files have their recorded sizes (their checksums are verified when it is read)."""
+    ckpts, tag = os.path.split(os.path.normpath(tag_dir))
+    try:
+        older = [t for t in tags(ckpts) if t < tag] if tag.startswith("step") else []
+    except OSError:
+        return None
+    for t in reversed(older):
+        if _intact(os.path.join(ckpts, t)):
+            return os.path.join(ckpts, t)
+    return None
+
+
+def _intact(tag_dir: str) -> bool:
+    try:
+        state = read_state(tag_dir)
+    except ValueError:
+        return False
+    if not state.get("finite", True):
+        return False
+    files = state.get("files")
+    if files is None:  # written before checksums: our format's rank files must all be there
+        world = (state.get("layout") or {}).get("world_size", 0) if state.get("format") else 0
+        return all(os.path.exists(rank_file(tag_dir, r)) for r in range(world))
+    try:
+        return all(os.path.getsize(os.path.join(tag_dir, name)) == rec["bytes"] for name, rec in files.items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _state_checksum(state: dict) -> str:
+    """The checksum of the state's content (key order and layout of the file do not matter)."""
+    body = {k: v for k, v in state.items() if k != STATE_CHECKSUM}
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, default=str).encode())
+
+
 def read_state(tag_dir: str) -> dict:
-    """A checkpoint's ``mom_state.json``; a missing or broken one is an incomplete checkpoint."""
+    """A checkpoint's ``mom_state.json``; a missing or broken one is an incomplete checkpoint, one
+    whose content does not match its recorded checksum a damaged one."""
     path = os.path.join(tag_dir, STATE_FILE)
     try:
         with open(path) as f:
-            return json.load(f)
+            state = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"checkpoint '{tag_dir}' is incomplete (no mom_state.json); point 'latest' at a "
                          "complete checkpoint or remove it") from None
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"'{path}' is not valid JSON ({e}); point 'latest' at a complete checkpoint") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(path, "it does not hold a JSON object")
+    recorded = state.get(STATE_CHECKSUM)
+    if recorded is not None and recorded != _state_checksum(state):  # absent: written before checksums
+        raise DamagedCheckpoint(path, "its content does not match the checksum it records: flipped bits, or "
+                                f"edited (if you edited it on purpose, delete its \"{STATE_CHECKSUM}\" entry)")
+    return state
 
 
 def write_state(tag_dir: str, state: dict) -> None:
+    state = json.loads(json.dumps(state, default=str))  # what a reader will see (tuples as lists, ...)
+    state[STATE_CHECKSUM] = _state_checksum(state)
     with open(os.path.join(tag_dir, STATE_FILE), "w") as f:
-        json.dump(state, f, indent=1, default=str)
+        json.dump(state, f, indent=1)
 
 
 def is_finite(tag_dir: str) -> bool:

@@ -10,17 +10,22 @@ each rank a share, all learning the first problem), so a file that would run cod
 before DeepSpeed sees it - and DeepSpeed only ever loads from the run's own ``out_dir``.
 
 RNG files (``rng_rank00003.pt``) hold plain tensors: torch's CPU (and CUDA) generator state and
-Python's ``random`` state as an int64 tensor.
+Python's ``random`` state as an int64 tensor. ``save_rng`` returns the file's size and checksum,
+hashed from the bytes it wrote (``integrity``). A file torch cannot read (truncated, flipped
+bits in its zip structure) is a ``DamagedCheckpoint``: one line naming it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
 
 import torch
-import torch.distributed as dist
+
+from mom_dist.checkpoint.integrity import first_error_everywhere, record_of_bytes
+from mom_dist.checkpoint.layout import DamagedCheckpoint
 
 
 # Types DeepSpeed 0.19 pickles into its ZeRO optimizer files: data only (a loss-scale record,
@@ -61,6 +66,12 @@ def load_plain(path: str, map_location="cpu"):
     except pickle.UnpicklingError as e:
         lines = str(e).strip().splitlines()
         _refuse(path, next((x.strip() for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else ""))
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
+        # torch's zip reader: "PytorchStreamReader failed reading zip archive ..." (truncated),
+        # a damaged pickle inside: whatever the unpickler trips over
+        text = str(e).strip()
+        why = text.splitlines()[0][:200] if text else type(e).__name__
+        raise DamagedCheckpoint(path, f"torch cannot read it: {why}") from None
 
 
 def verify_plain(tag_dir: str, rank: int = 0, world_size: int = 1) -> None:
@@ -74,27 +85,23 @@ def verify_plain(tag_dir: str, rank: int = 0, world_size: int = 1) -> None:
 def verify_plain_all(tag_dir: str, rank: int, world_size: int) -> None:
     """``verify_plain`` shared by the ranks (a collective when distributed): every rank raises
     the first problem any rank found."""
-    error = None
-    try:
-        verify_plain(tag_dir, rank, world_size)
-    except ValueError as e:
-        error = str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise ValueError(error)
+    first_error_everywhere(lambda: verify_plain(tag_dir, rank, world_size))
 
 
-def save_rng(path: str) -> None:
+def save_rng(path: str) -> dict:
+    """Write this process's RNG state; returns the file's record (bytes, checksum)."""
     version, state, gauss = random.getstate()
     rng = {"torch": torch.get_rng_state(), "python_version": torch.tensor(version),
            "python_state": torch.tensor(state, dtype=torch.int64),
            "python_gauss": torch.tensor(float("nan") if gauss is None else gauss, dtype=torch.float64)}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, path)
+    buf = io.BytesIO()
+    torch.save(rng, buf)
+    data = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    return record_of_bytes(data)
 
 
 def load_rng(path: str) -> None:

@@ -7,7 +7,7 @@ Every config field can be overridden with ``--set section.key=value`` (YAML valu
 Exit status (mom_dist.exit_codes; launchers/README.md): 0 finished (or train.stop_after
 reached, with a checkpoint), 75 preempted by SIGUSR1/SIGTERM (state saved, or nothing to save
 yet: requeue), 3 diverged, 4 a collective timed out (a rank stopped answering), 2 bad
-config/data/launch environment, 1 anything else. Rank 0 prints exactly one closing line saying
+config/data/launch environment, 1 a full disk (one line) or anything else (a traceback). Rank 0 prints exactly one closing line saying
 which (``mom-train: done: ...`` only for a finished run); a failing rank prints
 ``mom-train: rank R/W on host H (pid P) failed: ...``. With MOM_DIST_EXIT_FILE set, rank 0 also
 writes ``<code> <checkpoint path>`` there for the launcher (launchers/slurm.sbatch).
@@ -66,6 +66,14 @@ def _closing(cfg, result) -> tuple[int, str, str | None]:
     """(exit code, rank 0's closing line, checkpoint path) for a train() that returned."""
     t = cfg.train
     ckpt = os.path.join(t.out_dir, "checkpoints", result.checkpoint) if result.checkpoint else None
+    if result.stop is None and result.ran == 0:  # relaunched after the end: nothing was trained
+        from mom_dist.checkpoint.layout import checkpoints_dir, read_latest
+
+        tag = read_latest(checkpoints_dir(t.out_dir))
+        ckpt = os.path.join(checkpoints_dir(t.out_dir), tag) if tag else None
+        loss = f"; its recorded loss {result.final_loss:.4f}" if result.final_loss == result.final_loss else ""
+        return (exit_codes.FINISHED, f"mom-train: done: no step ran: the checkpoint in {t.out_dir} is at step "
+                f"{result.steps_done}, train.steps={t.steps}{loss}; raise train.steps to train further", ckpt)
     if result.stop is None:
         return (exit_codes.FINISHED, f"mom-train: done: {result.steps_done} steps, final loss {result.final_loss:.4f}"
                 + (f", validation perplexity {result.valid_ppl:.2f}" if result.valid_ppl else ""), ckpt)
@@ -110,6 +118,8 @@ def main(argv=None) -> int:
                       together=True)
     except exit_codes.TrainingDiverged as e:
         return _leave(exit_codes.DIVERGED, f"mom-train: diverged: {e}", together=True)
+    except exit_codes.DiskFull as e:  # every rank learns it from the save (an environment failure)
+        return _leave(exit_codes.FAILED, f"mom-train: error: {e}", together=True)
     except (ValueError, LaunchError) as e:
         print(f"mom-train: error: {e}", file=sys.stderr, flush=True)
         return _leave(exit_codes.BAD_INPUT, None)

@@ -44,7 +44,12 @@ def read_safetensors_dir(path: str) -> dict:
         raise ValueError(f"'{path}' holds no model*.safetensors")
     sd = {}
     for f in files:
-        sd.update(load_file(f))
+        try:
+            sd.update(load_file(f))
+        except Exception as e:  # safetensors' SafetensorError: truncated, a damaged header
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"'{f}' is damaged (safetensors cannot read it: {why}); write the directory again "
+                             "from its source") from None
     return sd
 
 

@@ -1,7 +1,9 @@
 """Read a run's outputs (``metrics.jsonl``, ``config.json``) into plain lists; no trainer imports.
 
-A resumed run appends to the same ``metrics.jsonl``, so a step can appear twice (the steps
-between the last checkpoint and the interruption are trained again): the later record wins.
+A resumed run appends to the same ``metrics.jsonl``; the trainer first moves the records of the
+steps it trains again (those between the last checkpoint and the interruption) to
+``metrics.superseded.jsonl``, so each step appears once. Runs of earlier versions may hold a
+step twice: the later record wins.
 A half-written last line (a job killed mid-write) is ignored; any other unreadable line is an
 error naming the line.
 """

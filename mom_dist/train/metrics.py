@@ -3,6 +3,12 @@
 ``metrics.jsonl`` is the record of a run (``mom-report`` reads it); TensorBoard gets the same
 scalars and, at every telemetry step, routing figures as images and module loads / per-token
 depth as histograms (the figures come from ``mom_dist.report.figures``, drawn headless).
+
+One record per step: a launch that ended after its last checkpoint (killed, diverged) wrote
+records for steps the next launch trains again. When a run starts from step S (its checkpoint,
+or 0), ``drop_records_after`` moves the records past S - train, valid and routing telemetry
+alike - to ``metrics.superseded.jsonl`` (kept, not lost), and TensorBoard purges its events
+from step S+1 on (``purge_step``).
 """
 
 from __future__ import annotations
@@ -13,19 +19,55 @@ import sys
 import time
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Keep the records of steps <= ``step`` in ``path`` (rewritten atomically); append the others,
+    and any unreadable line (a write cut short by a kill), to ``metrics.superseded.jsonl`` next to
+    it. Returns how many lines moved."""
+    try:
+        with open(path) as f:
+            lines = [x if x.endswith("\n") else x + "\n" for x in f if x.strip()]
+    except FileNotFoundError:
+        return 0
+    keep, moved = [], []
+    for line in lines:
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else moved).append(line)
+    if moved:
+        with open(os.path.join(os.path.dirname(path), SUPERSEDED), "a") as f:  # first: a crash loses nothing
+            f.writelines(moved)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(moved)
+
+
 class MetricsWriter:
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, resume_step: int | None = None):
+        """``resume_step``: the step this launch starts from (the trainer's 0 or the checkpoint's);
+        records past it are superseded. None: append to what is there."""
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.superseded_path = os.path.join(out_dir, SUPERSEDED)
+        self.superseded = 0  # records moved to superseded_path
         self.tb = None
         self.routing_history: list[dict] = []  # for the "change over training" figure in TensorBoard
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
+            if resume_step is not None:
+                self.superseded = drop_records_after(self.path, resume_step)
             self.file = open(self.path, "a")
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
-                    self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                    self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                            purge_step=None if resume_step is None else resume_step + 1)
                 except ImportError:  # tensorboard is optional on clusters
                     print("[mom_dist] tensorboard not installed: metrics go to metrics.jsonl only", file=sys.stderr)
 

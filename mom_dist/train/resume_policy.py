@@ -9,7 +9,10 @@ The checkpoint's ``mom_state.json`` records the config that wrote it. Against th
 - ``parallel.dispatcher`` / ``parallel.capacity_factor`` (capacity mode drops pairs): refused.
 - ``data`` (except paths that may move: directories of the prefixes, caches, the tokenizer,
   validation) and ``REFUSED_TRAIN_KEYS`` (the sample stream and what ``consumed_samples``
-  counts): refused.
+  counts; ``micro_batch_size``, because the balance and z losses are computed per micro-batch
+  of that many sequences - the layout may change, the micro-batches stay the same sequences,
+  and the gradient accumulation follows from global batch, micro-batch and world): refused,
+  saying why.
 - ``APPLIED_TRAIN_KEYS`` (the optimizer recipe and schedule): applied from the resumed step on
   and logged; ``mom_state.json`` then records what was really used.
 - everything else (intervals, ``keep_last``, ``stop_after``, ``eval_batches``, the layout...):
@@ -21,7 +24,13 @@ from __future__ import annotations
 import os
 
 SAFE_MODEL_KEYS = ("activation_checkpointing", "grouped_gemm")
-REFUSED_TRAIN_KEYS = ("seed", "global_batch_size", "seq_len", "optimizer")
+REFUSED_TRAIN_KEYS = {  # key -> why changing it changes the computation
+    "seed": "the order of the samples",
+    "global_batch_size": "the samples of each step and what consumed_samples counts",
+    "seq_len": "the samples",
+    "optimizer": "the optimizer state",
+    "micro_batch_size": "the balance and z losses, computed per micro-batch",
+}
 APPLIED_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "steps", "betas", "eps", "weight_decay", "grad_clip")
 REFUSED_PARALLEL_KEYS = ("dispatcher", "capacity_factor")
 DATA_FREE_KEYS = ("cache_dir", "cache_shared", "tokenizer_model", "valid_prefixes", "valid_weights")
@@ -73,8 +82,12 @@ def check_resume(cfg, saved_config: dict, where: str) -> list[tuple[str, object,
     old_d, new_d = _data_identity(saved_config.get("data") or {}), _data_identity(cfg.data)
     refused += _diff(old_d, new_d, "data.")
     if refused:
-        raise ValueError(f"cannot resume {where} with a changed sample stream or routing ({_show(refused)}); "
-                         "set them back, or start a new train.out_dir with train.init_from=<this run>")
+        why = sorted({REFUSED_TRAIN_KEYS[k[6:]] for k, _, _ in refused if k[6:] in REFUSED_TRAIN_KEYS
+                      and k.startswith("train.")})
+        raise ValueError(f"cannot resume {where} with a changed sample stream or routing ({_show(refused)}"
+                         + (f"; they decide {', '.join(why)}" if why else "") + "): the continuation would not be "
+                         "the run it continues. Set them back, or start a new train.out_dir with "
+                         "train.init_from=<this run>")
     return [(f"train.{k}", _norm(old_t.get(k)), _norm(new_t[k])) for k in APPLIED_TRAIN_KEYS
             if k in old_t and _norm(old_t[k]) != _norm(new_t[k])]
 

@@ -12,8 +12,11 @@ telemetry, evaluation, checkpoints and preemption -> final checkpoint and valida
 Safety around that (docs/usage.md, "Checkpoint safety"): rank 0 locks ``out_dir`` before anything is
 written (``checkpoint.run_lock``); a resume that would change the computation is refused before anything
 is loaded (``resume_policy``), recipe changes are applied and logged; ``config.json`` is written
-only once the run is accepted; non-finite steps are skipped and a diverged run stops with exit
-code 3 without saving (``divergence``).
+only once the run is accepted; non-finite steps (and, opt-in, loss spikes) are skipped and a
+diverged run - or one whose validation loss is not finite - stops with exit code 3 without
+saving (``divergence``). A step is validated before it is saved, so ``latest`` never holds
+weights whose validation loss was not finite. On resume, ``metrics.jsonl`` keeps one record per
+step (``metrics.drop_records_after``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class TrainResult:
     checkpoint: str | None
     engine: object = None  # the DeepSpeed engine (its .module is the model), for callers that inspect it
     stop: str | None = None  # None: finished train.steps; "preempted" | "stop_after": left early, saved
+    ran: int = 0  # steps this launch ran (0: the checkpoint was already at train.steps)
 
 
 def _device() -> torch.device:
@@ -150,41 +154,50 @@ def _train(cfg: Config, dims, log) -> TrainResult:
         deepspeed_engine.apply_recipe(engine, clipper, cfg)
     if state and dims.rank == 0:
         log(f"[mom_dist] resumed from step {start_step} ({consumed} samples consumed)"
-            + (f"; {state['resharded']}" if state.get("resharded") else ""))
+            + (f"; {state['resharded']}" if state.get("resharded") else "")
+            + ("" if state["verified"] else "; written before checksums existed: its files are not verified"))
         for key, old, new in recipe_changes:
             log(f"[mom_dist] resume: {key} changed from {old} to {new}; applied from step {start_step + 1} on")
     lifecycle.safe_point(device, "checkpoint load", f"{ckpt.dir} (step {start_step})" if state else None)
     if dims.rank == 0:  # only now: a refused run leaves the previous config.json in place
         dump_config(cfg, os.path.join(t.out_dir, "config.json"))
     watch_collectives(p.collective_timeout_s)  # set-up done: from here a silent rank ends the job
-    metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard)
+    metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard, resume_step=start_step)
+    if metrics.superseded and dims.rank == 0:
+        log(f"[mom_dist] metrics.jsonl: {metrics.superseded} records past step {start_step} (a launch that ended "
+            f"after its last checkpoint) moved to {os.path.basename(metrics.superseded_path)}; those steps run again")
     train_batches = data.train(consumed)
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, last_tag, step, preempted = [], None, start_step, False
-    guard = NonFiniteGuard(engine, t.max_nonfinite_steps)
+    guard = NonFiniteGuard(engine, t.max_nonfinite_steps, t.max_loss_ratio, state.get("loss_window") if state else None)
     tick, last_logged = time.time(), start_step
     eta = ETA(t.steps)
+    vl = ppl = None  # the final validation
     while step < t.steps:
         parts = torch.zeros(4, device=device)
         # Telemetry describes the whole step: every micro-batch on every rank (device counters).
         tel = StepTelemetry(model, dims) if (step + 1) % t.telemetry_interval == 0 else None
-        for _ in range(ga):
+        for i in range(ga):
             batch = _to(next(train_batches), device)
             out = _forward(engine, batch)
             if tel is not None:
                 tel.add(out.routing)
-            engine.backward(out.loss)
-            engine.step()
             parts += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
                                   out.balance_loss.detach().float(), out.z_loss.detach().float()])
+            loss = out.loss
+            if i == ga - 1:  # the step's global losses are known before its update (the spike guard's cue)
+                parts = _mean_over_ranks(parts / ga)
+                if guard.is_spike(parts):
+                    loss = loss * float("nan")  # its update takes the non-finite path: skipped, counted
+            engine.backward(loss)
+            engine.step()
         step += 1
         consumed += t.global_batch_size
-        parts = _mean_over_ranks(parts / ga)
         losses.append(parts[0].item())
         nonfinite = guard.check(step, parts)
         if nonfinite and dims.rank == 0:
-            log(f"[mom_dist] step {step}: non-finite loss or gradient norm, update skipped "
-                f"({guard.streak}/{t.max_nonfinite_steps} consecutive)")
+            log(f"[mom_dist] step {step}: {guard.why()}, update skipped ({guard.streak}/{t.max_nonfinite_steps} "
+                "consecutive)")
         if guard.diverged:
             metrics.close()
             guard.raise_diverged(step, parts, batch, _forward, ckpt)
@@ -192,7 +205,8 @@ def _train(cfg: Config, dims, log) -> TrainResult:
             elapsed, n_steps = time.time() - tick, step - last_logged
             v = {"loss": parts[0].item(), "lm_loss": parts[1].item(), "balance_loss": parts[2].item(),
                  "z_loss": parts[3].item(), "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine, clipper),
-                 "tokens_per_s": tokens_per_step * n_steps / max(elapsed, 1e-9), "consumed_samples": consumed}
+                 "tokens_per_s": tokens_per_step * n_steps / max(elapsed, 1e-9), "consumed_samples": consumed,
+                 **({"skipped": True} if nonfinite else {})}
             metrics.write("train", step, v)
             if dims.rank == 0:
                 log(progress_line(step, t.steps, v, *eta.update(step)))
@@ -201,39 +215,44 @@ def _train(cfg: Config, dims, log) -> TrainResult:
             tick, last_logged = time.time(), step
         if tel is not None:
             metrics.write_routing(step, routing_record(tel.reduce()))  # reduce(): a collective, all ranks
-        if step % t.eval_interval == 0 and step < t.steps and not nonfinite:
-            t_eval = time.time()
-            vl = evaluate(engine, data.valid(), dims, device)
-            if vl is not None:
-                metrics.write("valid", step, {"loss": vl, "ppl": math.exp(min(vl, 50))})
-                if dims.rank == 0:
-                    log(f"[valid] step {step} loss {vl:.4f} ppl {math.exp(min(vl, 50)):.2f} "
-                        f"({t.eval_batches} batches, {time.time() - t_eval:.1f} s)")
         preempted = lifecycle.preempt_agreed(device)
         leaving = preempted or (t.stop_after is not None and step - start_step >= t.stop_after)
-        if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
-            if nonfinite:  # never a non-finite state as `latest`: the previous one stays
+        last = step >= t.steps or leaving
+        # Validate before saving: a step whose validation loss is not finite is never `latest`.
+        # A preempted job has seconds left: no validation, only its checkpoint.
+        if not preempted and (last or (step % t.eval_interval == 0 and not nonfinite)):
+            t_eval = time.time()
+            loss_v = evaluate(engine, data.valid(), dims, device)
+            if loss_v is not None:
+                ppl_v = math.exp(min(loss_v, 50))
+                metrics.write("valid", step, {"loss": loss_v, "ppl": ppl_v})
                 if dims.rank == 0:
-                    log(f"[mom_dist] step {step} is non-finite: no checkpoint; latest stays {ckpt.latest_tag()}")
+                    log(f"[valid] final: loss {loss_v:.4f} perplexity {ppl_v:.2f}" if last else
+                        f"[valid] step {step} loss {loss_v:.4f} ppl {ppl_v:.2f} "
+                        f"({t.eval_batches} batches, {time.time() - t_eval:.1f} s)")
+                if not math.isfinite(loss_v):
+                    metrics.close()
+                    guard.raise_bad_validation(step, loss_v, parts, ckpt)
+                if last:
+                    vl, ppl = loss_v, ppl_v
+        if t.save_interval and (step % t.save_interval == 0 or step == t.steps or leaving):
+            if nonfinite:  # never a skipped (non-finite, spiking) step as `latest`: the previous one stays
+                if dims.rank == 0:
+                    log(f"[mom_dist] step {step} was skipped: no checkpoint; latest stays {ckpt.latest_tag()}")
             else:
-                last_tag = ckpt.save_checked(step, consumed, cfg.to_dict(), loss=parts[0].item())
+                last_tag = ckpt.save_checked(step, consumed, cfg.to_dict(), loss=parts[0].item(),
+                                             extra={"loss_window": list(guard.recent)})
         if leaving and dims.rank == 0:
             log(f"[mom_dist] {'preemption signal' if preempted else 'train.stop_after reached'}: "
                 f"checkpoint {last_tag} at step {step}; leaving")
         if leaving:
             break
-    # A preempted job has seconds left: its checkpoint is written, skip the final evaluation.
-    vl = None if preempted else evaluate(engine, data.valid(), dims, device)
-    ppl = math.exp(min(vl, 50)) if vl is not None else None
-    if vl is not None:
-        metrics.write("valid", step, {"loss": vl, "ppl": ppl})
-        if dims.rank == 0:
-            log(f"[valid] final: loss {vl:.4f} perplexity {ppl:.2f}")
     if compiled and dims.rank == 0:
         log(f"[mom_dist] {compile_summary()} (whole run, evaluation included)")
     metrics.close()
     stop = None if step >= t.steps else ("preempted" if preempted else "stop_after")
-    return TrainResult(step, losses[-1] if losses else float("nan"), vl, ppl, losses, last_tag, engine, stop)
+    final_loss = losses[-1] if losses else (state or {}).get("loss", float("nan"))  # no step ran: the checkpoint's
+    return TrainResult(step, final_loss, vl, ppl, losses, last_tag, engine, stop, ran=step - start_step)
 
 
 def _grad_norm(engine, clipper) -> float:

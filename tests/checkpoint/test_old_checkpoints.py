@@ -92,6 +92,9 @@ def test_deepspeed_format_resumes_exactly_on_its_own_layout(legacy):
     assert result["first"] == result["full"][:2]
     assert result["resumed"] == result["full"][2:]  # bitwise: DeepSpeed restored every state
     assert any("resumed from step 2" in line for line in result["log"]), result["log"]
+    # written before checksums: one info line says so, no more
+    noted = [line for line in result["log"] if "checksum" in line]
+    assert len(noted) == 1 and "written before checksums existed: its files are not verified" in noted[0], noted
 
 
 def test_deepspeed_format_exports_and_starts_runs_with_its_weights(legacy, tmp_path):

@@ -104,7 +104,9 @@ def test_model_change_is_refused_before_anything_is_written(good_run, tmp_path):
     before = snapshot(out)
     for change, expect in (("model.n_steps=4", "model.n_steps: 2 in the checkpoint, 4 now"),
                            ("model.attn_router.allow_skip=false", "model.attn_router.allow_skip: True"),
-                           ("train.global_batch_size=16", "train.global_batch_size: 8 in the checkpoint, 16 now")):
+                           ("train.global_batch_size=16", "train.global_batch_size: 8 in the checkpoint, 16 now"),
+                           ("train.micro_batch_size=4", "train.micro_batch_size: 2 in the checkpoint, 4 now; they "
+                            "decide the balance and z losses, computed per micro-batch")):
         proc = mom_train(out, change)
         assert proc.returncode == 2, proc.stderr[-3000:]
         (msg,) = errors(proc)
@@ -197,8 +199,17 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(good_run, tmp_path):
     out = copy_of(good_run, tmp_path)
     marker = tmp_path / "pwned"
     step = out / "checkpoints" / "step00000002"
-    # resume: the RNG files are the checkpoint's only pickles (the state itself is safetensors)
+    # resume: the RNG files are the checkpoint's only pickles (the state itself is safetensors).
+    # A swapped file fails its checksum first; one whose checksum was forged to match (mom_state.json
+    # rewritten with it) is still only read as plain data.
     _poison(step / "rng_rank00000.pt", marker)
+    proc = mom_train(out)
+    assert proc.returncode == 2 and "is damaged (" in errors(proc)[0], proc.stderr[-3000:]
+    from mom_dist.checkpoint.integrity import file_record
+    from mom_dist.checkpoint.layout import read_state, write_state
+    state = read_state(str(step))
+    state["files"]["rng_rank00000.pt"] = file_record(str(step / "rng_rank00000.pt"))
+    write_state(str(step), state)
     before = snapshot(out)
     proc = mom_train(out)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -209,7 +220,8 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(good_run, tmp_path):
     # its pickled weights: make the checkpoint look like one (no format mark, DeepSpeed's file)
     with open(step / "mom_state.json") as f:
         state = json.load(f)
-    state.pop("format")
+    for key in ("format", "files", "state_xxh3_64"):  # what those versions did not write
+        state.pop(key)
     with open(step / "mom_state.json", "w") as f:
         json.dump(state, f)
     _poison(step / "mp_rank_00_model_states.pt", marker)
@@ -256,6 +268,7 @@ def test_full_disk_names_the_path_and_keeps_latest(small_disk):
     out = small_disk / "run"
     proc = mom_train(out, "train.steps=8")
     assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and len(errors(proc)) == 1, proc.stderr[-3000:]  # one line only
     # the disk fills during some save after the first: that save is named, the one before stays latest
     full = re.search(r"No space left on device while writing checkpoint '(.*?)/step(\d{8})'", proc.stderr)
     assert full and full.group(1) == f"{out}/checkpoints", proc.stderr[-3000:]

@@ -195,7 +195,8 @@ def train_chain(args: dict) -> dict:
             if run.get("legacy"):
                 state_file = os.path.join(out, "checkpoints", tag, "mom_state.json")
                 state = json.load(open(state_file))
-                del state["format"]
+                for key in ("format", "files", "state_xxh3_64"):  # what those versions did not write
+                    del state[key]
                 json.dump(state, open(state_file, "w"))
         dist.barrier()
         cfg = load_config(args["config"], args["base"] + run["overrides"] + [f"train.out_dir={out}"])

@@ -5,7 +5,6 @@ every bad input is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from mom_dist.convert.export import load_exported, save_exported
 from mom_dist.convert.prune import DEAD_BIAS
 from mom_dist.data.loader import write_token_documents
 from mom_dist.model import ModelConfig, MoMModel, RouterConfig
+from mom_dist.model.config import gpt2_config
 from tests.dist_utils import ROOT, run_workers
 from tests.export.test_mom_eval import snapshot
 from tests.parallel.test_layout_invariance import BASE
@@ -282,7 +282,6 @@ def tokenized(tmp_path_factory):
     cfg = tiny_cfg(vocab_size=400, max_seq_len=32)
     src = save_exported(str(d / "src"), cfg, MoMModel(cfg).state_dict(), tokenizer=tok)
     bare = save_exported(str(d / "bare"), cfg, MoMModel(cfg).state_dict())
-    from mom_dist.model.config import gpt2_config
     vcfg = gpt2_config(16, 2, 3, vocab_size=400, max_seq_len=32)
     vanilla = save_exported(str(d / "vanilla"), vcfg, MoMModel(vcfg).state_dict(), tokenizer=tok)
     corrupt = save_exported(str(d / "corrupt"), cfg, MoMModel(cfg).state_dict(), tokenizer=tok)
@@ -292,7 +291,7 @@ def tokenized(tmp_path_factory):
     (d / "used" / "keep.txt").write_text("user data")
     g = torch.Generator().manual_seed(0)  # token data that records no tokenizer
     write_token_documents(str(d / "plain"), [torch.randint(2, 300, (60,), generator=g).tolist() + [1]], 400, eod=1)
-    return dict(root=d, src=src, bare=bare, vanilla=vanilla, corrupt=corrupt, tok=other, plain=str(d / "plain"),
+    return dict(root=d, src=src, bare=bare, vanilla=vanilla, corrupt=corrupt, other_tok=other, plain=str(d / "plain"),
                 data=str(d / "mine_valid_text_document"), other=str(d / "theirs_valid_text_document"))
 
 
@@ -313,7 +312,7 @@ ERRORS = {
     "other_tokenizer": (OK + ["--data", "{other}"], "another tokenizer"),
     "missing_data": (OK + ["--data", "{tmp}/nodata"], ".bin/.idx"),
     "no_data_recorded": (["{src}", "-o", "{out}"], "records no data"),
-    "tokenizer_option_not_the_datas": (["{bare}"] + OK[1:] + ["--tokenizer", "{tok}"], "another tokenizer"),
+    "tokenizer_option_not_the_datas": (["{bare}"] + OK[1:] + ["--tokenizer", "{other_tok}"], "another tokenizer"),
     "to_hf_no_tokenizer_recorded": (["{bare}", "-o", "{out}", "--data", "{plain}", "--to-hf", "{tmp}/hf"],
                                     "no tokenizer is recorded"),
     "same_outputs": (OK + ["--to-hf", "{out}"], "name the same directory"),
@@ -331,6 +330,13 @@ def test_bad_input_one_line_exit_2_nothing_written(tokenized, case, tmp_path, ca
     assert code == 2 and out == "", out
     assert err.startswith("mom-prune: error: ") and err.count("\n") == 1 and want in err, err
     assert snapshot(str(tokenized["root"]), str(tmp_path)) == before  # nothing written, nothing lost
+
+
+def test_the_error_cases_differ_from_a_good_call_only_in_what_they_name(tokenized, tmp_path, capsys):
+    fill = dict(tokenized, out=str(tmp_path / "out"))
+    code, out, err = prune([a.format(**fill) for a in OK] + ["--no-progress", "--max-batches", "1"], capsys)
+    assert code == 0 and err == "", err
+    assert json.loads((tmp_path / "out" / "prune_table.json").read_text())["n_attn_modules"] == [4, 2]
 
 
 def test_cli_error_through_a_real_process(tokenized, tmp_path):

@@ -53,10 +53,12 @@ def findings(state: dict, g: dict) -> list[str]:
     def versus(a, b):
         pa, pb = ppl[a], ppl[b]
         overlap = not (pa["max"] < pb["min"] or pb["max"] < pa["min"])
-        return (f"{_label(a, state.get('best'))} {pa['mean']:.2f} vs {_label(b, state.get('best'))} {pb['mean']:.2f} "
-                f"mean validation perplexity ({_pct(pa['mean'], pb['mean'])}); the seed ranges "
-                f"{'overlap' if overlap else 'do not overlap'} ({pa['min']:.2f}..{pa['max']:.2f} vs "
-                f"{pb['min']:.2f}..{pb['max']:.2f}, {min(pa['n'], pb['n'])} seeds)")
+        head = (f"{_label(a, state.get('best'))} {pa['mean']:.2f} vs {_label(b, state.get('best'))} {pb['mean']:.2f} "
+                f"mean validation perplexity ({_pct(pa['mean'], pb['mean'])})")
+        if min(pa["n"], pb["n"]) < 2:
+            return head + " (one seed: no spread measured)"
+        return (head + f"; the seed ranges {'overlap' if overlap else 'do not overlap'} ({pa['min']:.2f}..{pa['max']:.2f}"
+                f" vs {pb['min']:.2f}..{pb['max']:.2f}, {min(pa['n'], pb['n'])} seeds)")
     if "gpt" in g and "mom_deep" in g:
         out.append(f"**Claim 1 (deeper graph, same parameters):** depth {ev['mom_deep']['depth']} vs "
                    f"{ev['gpt']['depth']}, parameters {ev['mom_deep']['parameters']:,} vs {ev['gpt']['parameters']:,}: "
@@ -123,18 +125,24 @@ def write(path: str, state: dict, work: str, seconds: float) -> None:
     n_main = 3 * len(s["seeds"])
     done = sum(1 for k in state["evals"] if k.rsplit("_s", 1)[0] in LABELS)
     status = "complete" if state.get("finished") else f"in progress ({done} of {n_main} training runs evaluated)"
-    args = " ".join(f"--{k} {v}" if v is not True else f"--{k}" for k, v in state["args"].items()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shown = {k: os.path.relpath(v, root) if k in ("work", "results") and os.path.abspath(v).startswith(root + os.sep)
+             else v for k, v in state["args"].items()}
+    args = " ".join(f"--{k} {v}" if v is not True else f"--{k}" for k, v in shown.items()
                     if v not in (None, False) and not (k == "scale" and v == 1) and not (k == "precision" and v == "fp32"))
     tokens_per_run = s["steps"] * s["batch"] * s["seq"]
     summ = data["summary"]
-    L = [f"# Small-scale study of the paper's claims (issue 14, item 3)", "",
+    L = ["# Small-scale study of the paper's claims (issue 14, item 3)", "",
          f"Made by `.venv/bin/python benchmarks/paper_study.py{(' ' + args) if args else ''}`; status: **{status}**; "
          f"started {state['started']}" + (f", finished {state['finished']}" if state.get("finished") else "")
          + f"; {seconds / 3600:.2f} h in this launch of the script (earlier launches' work is reused).", "",
-         f"Machine: {state['machine']}.", "",
-         "## Setup", "",
-         f"Corpus ({data['corpus']['mb']:.1f} MB of text, {data['corpus']['documents']:,} documents, nothing downloaded):", "",
-         "| source | documents | MB |", "|---|---:|---:|"]
+         f"Machine: {state['machine']}.", ""]
+    if state["args"].get("smoke"):
+        L += ["**Smoke run**: toy sizes and a few steps, to check every stage end to end; its numbers say nothing "
+              "about the paper's claims.", ""]
+    L += ["## Setup", "",
+          f"Corpus ({data['corpus']['mb']:.1f} MB of text, {data['corpus']['documents']:,} documents, nothing downloaded):", "",
+          "| source | documents | MB |", "|---|---:|---:|"]
     L += [f"| {p['source']} | {p['documents']:,} | {p['mb']:.2f} |" for p in data["corpus"]["sources"]]
     L += ["", f"Tokenized by `mom-preprocess` (SentencePiece BPE, vocabulary {s['vocab']}, 1% of documents to "
           f"validation): {_fmt(summ.get('train_tokens'))} training and {_fmt(summ.get('valid_tokens'))} validation "

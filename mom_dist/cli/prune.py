@@ -103,6 +103,7 @@ def _prune(args) -> int:
     pruned = MoMModel(cfg)
     pruned.load_state_dict(state_dict)  # strict: the rewritten weights fit the rewritten config
     after = P.measure(pruned.eval(), data, **window)
+    pruned.cpu()  # written from host memory, whatever device measured it
 
     rows = P.table_rows(before.pools, kept)
     print(f"mom-prune: routing of {args.source} on {data} ({before.tokens:,} tokens, windows of {seq_len})")

@@ -126,7 +126,7 @@ def write(path: str, state: dict, work: str, seconds: float) -> None:
     done = sum(1 for k in state["evals"] if k.rsplit("_s", 1)[0] in LABELS)
     status = "complete" if state.get("finished") else f"in progress ({done} of {n_main} training runs evaluated)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shown = {k: os.path.relpath(v, root) if k in ("work", "results") and os.path.abspath(v).startswith(root + os.sep)
+    shown = {k: os.path.relpath(v, root) if k in ("work", "results") and v and os.path.abspath(v).startswith(root + os.sep)
              else v for k, v in state["args"].items()}
     args = " ".join(f"--{k} {v}" if v is not True else f"--{k}" for k, v in shown.items()
                     if v not in (None, False) and not (k == "scale" and v == 1) and not (k == "precision" and v == "fp32"))

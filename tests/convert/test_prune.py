@@ -15,7 +15,6 @@ import torch
 
 from mom_dist.cli.prune import main as mom_prune
 from mom_dist.convert.export import load_exported, save_exported
-from mom_dist.convert.prune import DEAD_BIAS
 from mom_dist.data.loader import write_token_documents
 from mom_dist.model import ModelConfig, MoMModel, RouterConfig
 from mom_dist.model.config import gpt2_config
@@ -24,6 +23,7 @@ from tests.export.test_mom_eval import snapshot
 from tests.parallel.test_layout_invariance import BASE
 
 GRU = dict(kind="gru", dim=8, temperature=0.5)
+NEVER = -1.0e4  # a router bias that gives a class probability exactly 0
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
@@ -46,16 +46,16 @@ def never_pick(model: MoMModel, pool: str, per_chunk: dict) -> None:
                 if bias is not None:
                     bias.normal_(0.0, 0.5)
             if router.cfg.kind == "mlp":
-                router.head.bias[modules] = DEAD_BIAS
+                router.head.bias[modules] = NEVER
             elif getattr(router, "head_bias", None) is not None:
-                router.head_bias[modules] = DEAD_BIAS
+                router.head_bias[modules] = NEVER
             else:  # no bias: pin GRU unit 0 to 1 (update gate ~0, candidate tanh(50) = 1), weight it -1e4
                 r, cell = router.cfg.dim, router.cell
                 for w in (cell.weight_ih, cell.weight_hh):
                     w[[0, r, 2 * r]] = 0.0
                 cell.bias_ih[[0, r, 2 * r]] = torch.tensor([0.0, -50.0, 50.0])
                 cell.bias_hh[[0, r, 2 * r]] = 0.0
-                router.head.weight[modules, 0] = DEAD_BIAS
+                router.head.weight[modules, 0] = NEVER
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_removing_never_picked_modules_changes_no_logit(world, case, tmp_path, capsys):
-    cfg = tiny_cfg(**CASES[case])
+    # init_std 0.3: modules whose outputs matter (at 0.02 a changed pick moves a logit by < 1e-6)
+    cfg = tiny_cfg(**CASES[case], init_std=0.3)
     torch.manual_seed(1)
     model = MoMModel(cfg).eval()
     never_pick(model, "attn", {0: [1, 2], 1: [0, 3]})  # --attn-keep 0.5: 2 of 4 go
@@ -102,16 +103,19 @@ def test_removing_never_picked_modules_changes_no_logit(world, case, tmp_path, c
     assert "REMOVED" in out and "usage" in out
     pruned = load_exported(str(tmp_path / "out"))
     assert (pruned.cfg.n_attn_modules, pruned.cfg.n_ffn_modules, pruned.cfg.n_classes) == (2, 3, 4)
-    assert pruned.cfg.router_bias  # the attention routers' new (second) SKIP class is held at DEAD_BIAS
+    assert pruned.cfg.router_bias  # the attention routers' new (second) SKIP class needs a bias
     if not cfg.router_bias:
         assert "model.router_bias: false -> true" in out
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = model(ids), pruned(ids)
     assert (a.logits - b.logits).abs().max().item() <= 1e-6
-    for ra, rb in zip(a.routing, b.routing):  # the same picks, renumbered
+    for ra, rb in zip(a.routing, b.routing):  # the same probabilities and picks, renumbered
         n_old, n_new = ra.n_modules, rb.n_modules
         kept = torch.tensor(table["kept"][f"{ra.chunk}.{ra.pool}"])
+        rows = kept.tolist() + [cfg.n_classes - 1]  # + the one SKIP class these routers had
+        torch.testing.assert_close(rb.probs_TC[:, :len(rows)], ra.probs_TC[:, rows], rtol=0, atol=1e-6)
+        assert (rb.probs_TC[:, len(rows):] == 0).all()  # a new SKIP class is never picked
         assert torch.equal(torch.where(rb.ids_TK < n_new, kept[rb.ids_TK.clamp(max=n_new - 1)], n_old),
                            torch.where(ra.ids_TK < n_old, ra.ids_TK, n_old))
     assert table["loss_after"] == pytest.approx(table["loss_before"], abs=1e-6)

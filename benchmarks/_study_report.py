@@ -67,7 +67,8 @@ def findings(state: dict, g: dict) -> list[str]:
         a, b = ev["mom_shallow"], ev["gpt"]
         out.append(f"**Claim 3 (shallower, K=2):** depth {a['depth']} vs {b['depth']}: " + versus("mom_shallow", "gpt")
                    + f"; forward FLOPs/token {_pct(a['fwd_flops_per_token'], b['fwd_flops_per_token'])}, activation "
-                   f"memory/token {_pct(a['activation_bytes_per_token'], b['activation_bytes_per_token'])} (paper at "
+                   f"memory/token {_pct(a['activation_bytes_per_token'], b['activation_bytes_per_token'])} (body "
+                   f"without the LM head: {_pct(a.get('body_activation_bytes_per_token', 1), b.get('body_activation_bytes_per_token', 1))}) (paper at "
                    "GPT-2-large scale: 16% fewer TFLOPs, 42-43% less forward memory).")
     best = state.get("best")
     if best and f"{best}_pruned" in g:
@@ -75,8 +76,9 @@ def findings(state: dict, g: dict) -> list[str]:
         line = (f"**Claim 2 (50% of attention, 25% of FFN modules removed from {LABELS[best]}):** parameters "
                 f"{ev[base]['parameters']:,} -> {ev[p]['parameters']:,}; " + versus(p, base))
         if f"{p}_recovered" in g:
-            line += (f"; after a recovery run of {state['settings']['recover_steps']} steps (10% more training tokens "
-                     "than the unpruned model had): " + versus(f"{p}_recovered", base))
+            st = state["settings"]
+            line += (f"; after a recovery run of {st['recover_steps']} steps ({st['recover_steps'] / st['steps']:.0%} more "
+                     "training tokens than the unpruned model had): " + versus(f"{p}_recovered", base))
         out.append(line + ".")
     return out
 
@@ -154,7 +156,8 @@ def write(path: str, state: dict, work: str, seconds: float) -> None:
           f"{'' if s['eval_batches'] is None else ' (first ' + str(s['eval_batches']) + ' batches)'}.", "",
           "## Results", "",
           "| model | parameters | depth | validation perplexity (mean ± std) | min..max | seeds | train tokens/s | "
-          "forward MFLOPs/token | activations KB/token |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "forward MFLOPs/token | activations KB/token | of which body (no LM head) |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, evs in g.items():
         st = _stats([e["perplexity"] for e in evs])
         e0 = evs[0]
@@ -162,10 +165,12 @@ def write(path: str, state: dict, work: str, seconds: float) -> None:
         L.append(f"| {_label(key, state.get('best'))} | {e0['parameters']:,} | {e0['depth']} | {st['mean']:.2f} ± "
                  f"{st['std']:.2f} | {st['min']:.2f}..{st['max']:.2f} | {st['n']} | "
                  f"{'-' if tok is None else f'{tok:,.0f}'} | {e0['fwd_flops_per_token'] / 1e6:.2f} | "
-                 f"{e0['activation_bytes_per_token'] / 1024:.1f} |")
+                 f"{e0['activation_bytes_per_token'] / 1024:.1f} | "
+                 f"{e0.get('body_activation_bytes_per_token', float('nan')) / 1024:.1f} |")
     L += ["", "Depth: modules on a token's path (bottom + routing steps + top; SKIP picks counted as steps). "
-          "FLOPs: `torch.utils.flop_counter` on a no-grad forward of one validation batch (as routed, SKIP "
-          "costs nothing; router FLOPs included). Activations: bytes autograd keeps for backward in a training "
+          "FLOPs: `torch.utils.flop_counter` on a no-grad forward of one validation batch: every matmul the "
+          "implementation runs, as routed (SKIP costs nothing), routers, the LM head, the full S x S attention "
+          "scores of the math kernel and the one-hot gathers of per-module LayerNorm/bias vectors included. Activations: bytes autograd keeps for backward in a training "
           "forward (saved-tensor hooks, parameters excluded, fp32). Tokens/s: median over the logged intervals "
           "of each run (after the first), averaged over seeds; pruned models are not retrained at full length."]
     f = findings(state, g)

@@ -218,8 +218,12 @@ def forward_cost(model, prefix: str, s: dict) -> dict:
     m.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         m(x[:, :-1], x[:, 1:])
+    total = sum(seen.values())
+    seen.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the body alone: no LM head, no loss
+        m(x[:, :-1], hidden_only=True)
     return {"fwd_flops_per_token": counter.get_total_flops() / n_tokens,
-            "activation_bytes_per_token": sum(seen.values()) / n_tokens}
+            "activation_bytes_per_token": total / n_tokens, "body_activation_bytes_per_token": sum(seen.values()) / n_tokens}
 
 
 def prune_and_recover(work: str, best: str, seed: int, data: dict, s: dict, config: str) -> dict:

@@ -29,5 +29,6 @@ setup(
         "mom-finetune = mom_dist.cli.finetune:main",
         "mom-report = mom_dist.cli.report:main",
         "mom-plan = mom_dist.cli.plan:main",
+        "mom-prune = mom_dist.cli.prune:main",
     ]},
 )

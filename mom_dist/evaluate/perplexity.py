@@ -76,8 +76,12 @@ def rolling_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int,
 
 @torch.no_grad()
 def perplexity(model, prefix: str, *, seq_len: int, batch_size: int = 8, max_batches: int | None = None,
-               device: str = "cpu", stride: int | None = None, eod: int = 1, progress: bool = False) -> dict:
-    """Mean next-token loss (nats) and perplexity over the windows described in the module doc."""
+               device: str = "cpu", stride: int | None = None, eod: int = 1, progress: bool = False,
+               observe=None) -> dict:
+    """Mean next-token loss (nats) and perplexity over the windows described in the module doc.
+
+    ``observe(output)``, when given, sees every batch's ``MoMOutput`` (``mom-prune`` counts the
+    routing of the same windows with the telemetry counters)."""
     from tqdm import tqdm
 
     if seq_len > model.cfg.max_seq_len:
@@ -104,7 +108,10 @@ def perplexity(model, prefix: str, *, seq_len: int, batch_size: int = 8, max_bat
     for batch in tqdm(batches, desc="mom-eval", unit="batch", file=sys.stderr, disable=not progress,
                       dynamic_ncols=True):
         x = torch.stack([ext[s:s + n + 1] for s, n, _ in batch]).to(device)
-        logp = F.log_softmax(model(x[:, :-1]).logits.float(), -1)
+        out = model(x[:, :-1])
+        if observe is not None:
+            observe(out)
+        logp = F.log_softmax(out.logits.float(), -1)
         nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # (B, n)
         for row, (_, n, k) in enumerate(batch):
             total += nll[row, n - k:].sum().item()

@@ -41,17 +41,40 @@ def read_hf_state_dict(source) -> dict:
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        st = os.path.join(source, "model.safetensors")
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-            return load_file(st)
-        binf = os.path.join(source, "pytorch_model.bin")
-        if os.path.exists(binf):
-            return torch.load(binf, map_location="cpu", weights_only=True)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(source, name)):
+                return read_weights_file(os.path.join(source, name))
         raise ValueError(f"'{source}' holds neither model.safetensors nor pytorch_model.bin: "
                          "pass a directory written by GPT2LMHeadModel.save_pretrained")
     raise ValueError(f"cannot read GPT-2 weights from {source!r}: pass a transformers GPT-2 module, "
                      "its state dict, or a local save_pretrained directory")
+
+
+def read_weights_file(path: str) -> dict:
+    """The state dict in a transformers weights file (``model.safetensors`` or a ``pytorch_model.bin``
+    pickle), read without running code from it. A pickle that names anything but plain data, a
+    truncated or foreign file: ``ValueError`` naming the file (never a traceback, never executed)."""
+    from mom_dist.train.checkpoint_files import UnsafeCheckpointFile, load_plain
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = load_plain(path)  # lists the pickle's globals without executing it; refuses code
+    except UnsafeCheckpointFile as e:
+        if "GLOBAL" in str(e) or "it names" in str(e):  # a pickle that names code: say so
+            raise
+        # load_plain calls any unpicklable file unsafe; bytes that are no pickle at all are not code
+        raise ValueError(f"cannot read the weights in '{path}' (not a torch save file); save it again with "
+                         "save_pretrained") from None
+    except Exception as e:  # noqa: BLE001  (torch, pickle and safetensors each raise their own)
+        raise ValueError(f"cannot read the weights in '{path}' ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); it is truncated or not a "
+                         "transformers weights file: save it again with save_pretrained") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"'{path}' does not hold a state dict (a dict of tensors)")
+    return sd
 
 
 def layers_from_hf(sd: dict) -> tuple[dict, list[dict]]:

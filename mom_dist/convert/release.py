@@ -178,17 +178,9 @@ def read_release(src: str) -> tuple[dict, dict]:
     if not (os.path.exists(st) or os.path.exists(binf)):
         raise ValueError(f"'{src}' holds neither model.safetensors nor pytorch_model.bin (sharded checkpoints: "
                          "merge them with transformers' save_pretrained(max_shard_size='100GB') first)")
-    try:
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-            sd = load_file(st)
-        else:
-            sd = torch.load(binf, map_location="cpu", weights_only=True)  # no code runs from the file
-    except Exception as e:  # truncated or foreign files: torch/pickle/safetensors each raise their own
-        raise ValueError(f"cannot read the weights in '{src}' ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:200]})")
-    if not isinstance(sd, dict):
-        raise ValueError(f"the weights file in '{src}' does not hold a state dict")
+    from mom_dist.convert.gpt2 import read_weights_file
+
+    sd = read_weights_file(st if os.path.exists(st) else binf)  # no code runs from the file
     return rc, sd
 
 

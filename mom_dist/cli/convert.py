@@ -3,7 +3,7 @@
     mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
     mom-convert to-hf SOURCE -o HF_DIR [--tokenizer M.model]     -> transformers directory
     mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
-    mom-convert from-release SRC OUT_DIR                         the authors' release -> our format
+    mom-convert from-release SRC -o OUT_DIR                      the authors' release -> our format
 
 SOURCE is a run directory, an exported directory or a to-hf directory. to-hf writes the vanilla
 GPT-2 case as a stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the
@@ -35,13 +35,12 @@ def main(argv=None) -> int:
     f.add_argument("hf_dir")
     f.add_argument("--config", required=True)
     f.add_argument("--set", dest="overrides", action="append", default=[])
-    for p in (e, h, f):
-        p.add_argument("-o", "--output", required=True)
-        p.add_argument("--overwrite", action="store_true")
     r = sub.add_parser("from-release", help="import a checkpoint of the authors' release (GPT2MoTLMHeadModel)")
     r.add_argument("src")
-    r.add_argument("output")
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("output_positional", nargs="?", metavar="OUT_DIR", help="the same as -o (older spelling)")
+    for p in (e, h, f, r):
+        p.add_argument("-o", "--output", required=p is not r)
+        p.add_argument("--overwrite", action="store_true")
     for p in (e, h):
         p.add_argument("--tokenizer", default=None, help="SentencePiece .model to write with the model "
                        "(default: the one recorded by the run's data)")
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "from-release":
             from mom_dist.convert.release import import_release
-            out = import_release(args.src, args.output, overwrite=args.overwrite)
+            out = import_release(args.src, _release_output(args), overwrite=args.overwrite)
         elif args.cmd == "export":
             out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite,
                                     tokenizer=_tokenizer_arg(args.tokenizer))
@@ -82,6 +81,17 @@ def main(argv=None) -> int:
         return 2
     print(f"mom-convert: wrote {out}")
     return 0
+
+
+def _release_output(args) -> str:
+    """-o OUT_DIR, as for every other subcommand; the positional OUT_DIR of earlier versions still works."""
+    given = [p for p in (args.output, args.output_positional) if p is not None]
+    if not given:
+        raise ValueError("from-release needs an output directory: mom-convert from-release SRC -o OUT_DIR")
+    if len(given) == 2 and os.path.abspath(given[0]) != os.path.abspath(given[1]):
+        raise ValueError(f"two different output directories given ('{given[1]}' and -o '{given[0]}'); "
+                         "pass only -o OUT_DIR")
+    return given[0]
 
 
 def _tokenizer_arg(path):

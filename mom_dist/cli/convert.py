@@ -8,8 +8,12 @@
 SOURCE is a run directory, an exported directory or a to-hf directory. to-hf writes the vanilla
 GPT-2 case as a stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the
 directory (load with trust_remote_code=True; needs only torch + transformers), both with the
-tokenizer: the one the run's data was made with (found from its config / data), else
---tokenizer; --no-tokenizer writes none (models trained on synthetic data). Existing outputs are
+tokenizer: the one the run's data was made with (found from its config / data, relative paths
+from the directory the run was started in), else --tokenizer (refused when it is another
+tokenizer than the one SOURCE records); export and to-hf stop naming the paths tried when the
+recorded one is gone; --no-tokenizer writes none (models trained on synthetic data). A
+fine-tuned classifier (mom-finetune OUT/model) goes to to-hf with its head
+(MoMForSequenceClassification / GPT2ForSequenceClassification). Existing outputs are
 never overwritten without --overwrite. from-release reads a GPT2MoTLMHeadModel save_pretrained
 directory (config.json + model.safetensors or pytorch_model.bin) and writes an exported directory
 (what mom-eval, mom-finetune and train.init_from read) with the release's loss settings.
@@ -42,9 +46,9 @@ def main(argv=None) -> int:
         p.add_argument("-o", "--output", required=p is not r)
         p.add_argument("--overwrite", action="store_true")
     for p in (e, h):
-        p.add_argument("--tokenizer", default=None, help="SentencePiece .model to write with the model "
-                       "(default: the one recorded by the run's data)")
-    h.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer (synthetic-data models)")
+        p.add_argument("--tokenizer", default=None, help="SentencePiece .model to write with the model, when "
+                       "SOURCE records none (else it must be the same tokenizer)")
+        p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer (synthetic-data models)")
     args = ap.parse_args(argv)
 
     from mom_dist.convert import export
@@ -55,15 +59,19 @@ def main(argv=None) -> int:
             out = import_release(args.src, _release_output(args), overwrite=args.overwrite)
         elif args.cmd == "export":
             out = export.export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite,
-                                    tokenizer=_tokenizer_arg(args.tokenizer))
+                                    tokenizer=_tokenizer_arg(args.tokenizer), no_tokenizer=args.no_tokenizer)
         elif args.cmd == "to-hf":
-            model, found = export.load_source(args.source)
-            tok = None if args.no_tokenizer else (_tokenizer_arg(args.tokenizer) or found)
+            from mom_dist.convert.model_tokenizer import choose_tokenizer
+
+            model, search = export.read_source(args.source)
+            tok = None if args.no_tokenizer else choose_tokenizer(args.source, search, _tokenizer_arg(args.tokenizer))
             if tok is None and not args.no_tokenizer:
-                raise ValueError(f"no tokenizer is recorded for '{args.source}' (its data config names none); pass "
-                                 "--tokenizer M.model (the SentencePiece model its data was made with), or "
-                                 "--no-tokenizer for a model trained on synthetic data")
-            out = export.export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok)
+                raise ValueError(f"{search.missing(args.source)}; pass --tokenizer M.model (the SentencePiece model "
+                                 "its data was made with), or --no-tokenizer for a model trained on synthetic data")
+            from mom_dist.convert.task_head import load_task_head
+
+            out = export.export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok,
+                                   head=load_task_head(args.source))  # mom-finetune's classifier head
         else:
             import torch
 

@@ -7,8 +7,8 @@
 ``export_run`` turns a training run (any layout) into one; ``load_exported`` reads it back.
 ``export_hf`` writes a self-contained transformers directory (needs torch + transformers only):
 the vanilla special case as a stock ``GPT2LMHeadModel``; a routed MoM as ``MoMForCausalLM`` /
-``MoMForSequenceClassification``, whose code travels in the directory (``trust_remote_code``).
-Both get the tokenizer (``AutoTokenizer``, remote code ``tokenization_mom.py``),
+``MoMForSequenceClassification``, whose code travels in the directory (``trust_remote_code``);
+a fine-tuned classifier's head (``convert/task_head.py``) goes with it. Both get the tokenizer (``AutoTokenizer``, remote code ``tokenization_mom.py``),
 ``generation_config.json`` with our end-of-document id, and the maximum length.
 ``load_source`` reads any of the three (run, export, transformers directory) back as a
 ``MoMModel`` plus its tokenizer path.
@@ -27,11 +27,13 @@ import torch
 from mom_dist.config_utils import from_dict
 from mom_dist.convert.checkpoints import consolidate
 from mom_dist.convert.gpt2 import hf_from_layers, layers_from_hf, layers_from_mom, mom_from_layers
+from mom_dist.convert.model_tokenizer import (TOKENIZER_FILE, TokenizerSearch, choose_tokenizer,
+                                              dir_tokenizer_search, run_tokenizer_search)
+from mom_dist.convert.task_head import TaskHead
 from mom_dist.model import MoMModel
 from mom_dist.model.config import ModelConfig, gpt2_config
 
 HF_REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def _refuse_existing(out_dir: str, overwrite: bool) -> None:
@@ -55,33 +57,20 @@ def save_exported(out_dir: str, cfg: ModelConfig, state_dict: dict, *, overwrite
     return out_dir
 
 
-def run_tokenizer(state: dict) -> str | None:
-    """The tokenizer a training run's data was made with: ``data.tokenizer_model`` of its config,
-    else the ``tokenizer_model`` that mom-preprocess recorded next to its first data prefix."""
-    data = (state.get("config") or {}).get("data") or {}
-    if data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
-        return os.path.abspath(data["tokenizer_model"])
-    prefixes = []
-    for key in ("train_prefixes", "valid_prefixes"):  # a list, or one prefix as a string
-        value = data.get(key) or []
-        prefixes += [value] if isinstance(value, str) else list(value)
-    for prefix in prefixes:
-        try:
-            with open(prefix + ".meta.json") as f:
-                rel = json.load(f).get("tokenizer_model")
-        except (OSError, ValueError):
-            continue
-        if rel:
-            path = os.path.join(os.path.dirname(os.path.abspath(prefix)), rel)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
 def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False,
-               tokenizer: str | None = None) -> str:
+               tokenizer: str | None = None, no_tokenizer: bool = False) -> str:
+    """One plain model directory from a run; its tokenizer goes with it (``tokenizer``, which
+    must be the run's own, else the one the run records). A run that records a tokenizer which
+    cannot be found is refused unless ``no_tokenizer`` (nothing is written silently without it)."""
     cfg, sd, state = consolidate(run_dir, tag)
-    return save_exported(out_dir, cfg, sd, overwrite=overwrite, tokenizer=tokenizer or run_tokenizer(state))
+    tok = None
+    if not no_tokenizer:
+        search = run_tokenizer_search(state)
+        tok = choose_tokenizer(run_dir, search, tokenizer)
+        if tok is None and search.looked_for:
+            raise ValueError(f"{search.missing(run_dir)}; pass --tokenizer M.model (the SentencePiece model its "
+                             "data was made with), or --no-tokenizer to export the weights alone")
+    return save_exported(out_dir, cfg, sd, overwrite=overwrite, tokenizer=tok)
 
 
 def load_exported(path: str, dtype: torch.dtype = torch.float32) -> MoMModel:
@@ -104,11 +93,16 @@ def _read_safetensors(path: str) -> dict:
 def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel, str | None]:
     """(model, tokenizer path or None) from a run directory (or one of its checkpoints), a
     ``mom-convert export`` directory, or a ``mom-convert to-hf`` directory (MoM or GPT-2)."""
+    model, search = read_source(path, dtype)
+    return model, search.path
+
+
+def read_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel, TokenizerSearch]:
+    """``load_source`` with where the tokenizer was looked for (for the message when it is missing)."""
     if not os.path.isdir(path):
         raise ValueError(f"'{path}' is not a directory: pass a run directory, a mom-convert export "
                          "directory or a mom-convert to-hf directory")
-    tok = os.path.join(path, TOKENIZER_FILE)
-    tok = tok if os.path.isfile(tok) else None
+    tok = dir_tokenizer_search(path)
     if os.path.exists(os.path.join(path, "mom_config.json")):
         with open(os.path.join(path, "mom_config.json")) as f:
             cfg = from_dict(ModelConfig, json.load(f), "model.")
@@ -121,7 +115,7 @@ def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel
             sd = {**{k: v for k, v in own.items() if "_router." in k}, **sd}
     else:
         cfg, sd, state = consolidate(path)
-        tok = run_tokenizer(state)
+        tok = run_tokenizer_search(state)
     model = MoMModel(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(dtype).eval(), tok
@@ -222,15 +216,28 @@ def _write_generation_config(out_dir: str, ids: dict) -> None:
         json.dump(ids, f, indent=1)
 
 
-def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
-    """A transformers directory: GPT2LMHeadModel for the vanilla case, else MoMForCausalLM."""
+def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None,
+              head: TaskHead | None = None) -> str:
+    """A transformers directory: GPT2LMHeadModel for the vanilla case, else MoMForCausalLM; with a
+    fine-tuned ``head``, GPT2ForSequenceClassification / MoMForSequenceClassification."""
     if is_vanilla(model.cfg):
-        return export_hf_gpt2(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
-    return export_hf_mom(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
+        return export_hf_gpt2(model, out_dir, overwrite=overwrite, tokenizer=tokenizer, head=head)
+    return export_hf_mom(model, out_dir, overwrite=overwrite, tokenizer=tokenizer, head=head)
 
 
-def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
-    """A routed MoM with its code (``trust_remote_code``): ``MoMForCausalLM`` weights under ``model.``."""
+def _check_head(head: TaskHead | None, d_model: int) -> dict:
+    if head is None:
+        return {}
+    if head.weight.shape[1] != d_model:
+        raise ValueError(f"the task head's score.weight has shape {tuple(head.weight.shape)}, not (labels, "
+                         f"{d_model}): it belongs to another model")
+    return head.hf_config()
+
+
+def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None,
+                  head: TaskHead | None = None) -> str:
+    """A routed MoM with its code (``trust_remote_code``): ``MoMForCausalLM`` weights under ``model.``
+    (plus ``score.weight`` for ``MoMForSequenceClassification`` when a task head is given)."""
     from safetensors.torch import save_file
 
     from mom_dist.convert.hf_remote.configuration_mom import MoMConfig
@@ -238,14 +245,18 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
     _refuse_existing(out_dir, overwrite)
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.cfg.vocab_size)
+    head_cfg = _check_head(head, model.cfg.d_model)
     os.makedirs(out_dir, exist_ok=True)
     ids = special_ids(tokenizer)
-    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), architectures=["MoMForCausalLM"], auto_map={
+    arch = "MoMForSequenceClassification" if head else "MoMForCausalLM"
+    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), architectures=[arch], auto_map={
         "AutoConfig": "configuration_mom.MoMConfig", "AutoModel": "modeling_mom.MoMModel",
         "AutoModelForCausalLM": "modeling_mom.MoMForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_mom.MoMForSequenceClassification"}, **ids)
+        "AutoModelForSequenceClassification": "modeling_mom.MoMForSequenceClassification"}, **ids, **head_cfg)
     hf_cfg.save_pretrained(out_dir)
     sd = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    if head is not None:
+        sd["score.weight"] = head.weight.detach().float().contiguous()
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     for name in ("configuration_mom.py", "modeling_mom.py"):
         shutil.copy(os.path.join(HF_REMOTE, name), out_dir)
@@ -255,9 +266,11 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
     return out_dir
 
 
-def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
-    """Write a vanilla-schedule MoM (spec §7: the GPT-2 special case) as a GPT2LMHeadModel."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None,
+                   head: TaskHead | None = None) -> str:
+    """Write a vanilla-schedule MoM (spec §7: the GPT-2 special case) as a GPT2LMHeadModel (with a
+    task head: a GPT2ForSequenceClassification)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     cfg = model.cfg
     if not is_vanilla(cfg):
@@ -266,14 +279,20 @@ def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, to
     _refuse_existing(out_dir, overwrite)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg.vocab_size)
+    head_cfg = _check_head(head, cfg.d_model)
     embed, layers = layers_from_mom(model.state_dict(), cfg)
     ids = special_ids(tokenizer)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
                         n_layer=len(layers), n_head=cfg.n_heads, activation_function="gelu_new",
                         layer_norm_epsilon=cfg.layer_norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                        attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids)
-    hf = GPT2LMHeadModel(hf_cfg)
-    missing, unexpected = hf.load_state_dict(hf_from_layers(embed, layers), strict=False)
+                        attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids, **head_cfg)
+    sd = hf_from_layers(embed, layers)
+    if head is None:
+        hf = GPT2LMHeadModel(hf_cfg)
+    else:  # GPT-2's own classifier: the body under transformer., score.weight, no LM head
+        hf = GPT2ForSequenceClassification(hf_cfg)
+        sd = {**{k: v for k, v in sd.items() if k != "lm_head.weight"}, "score.weight": head.weight.float()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), missing
     hf.save_pretrained(out_dir)
     _write_generation_config(out_dir, ids)

@@ -1,7 +1,8 @@
 """``mom-convert``: checkpoints to evaluation formats.
 
     mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
-    mom-convert to-hf SOURCE -o HF_DIR [--tokenizer M.model]     -> transformers directory
+    mom-convert to-hf SOURCE -o HF_DIR                           -> transformers directory
+      (export and to-hf: [--tokenizer M.model | --no-tokenizer])
     mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
     mom-convert from-release SRC -o OUT_DIR                      the authors' release -> our format
 

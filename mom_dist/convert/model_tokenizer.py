@@ -69,8 +69,9 @@ def run_tokenizer_search(state: dict) -> TokenizerSearch:
                 with open(base + ".meta.json") as f:
                     rel = json.load(f).get("tokenizer_model")
             except OSError:
-                looked.append(base + ".meta.json")
-                continue
+                if not os.path.exists(base + ".idx"):  # the data is not here: its record may name one
+                    looked.append(base + ".meta.json")
+                continue  # (data without a .meta.json records no tokenizer)
             except ValueError:
                 continue
             if rel:

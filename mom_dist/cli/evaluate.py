@@ -7,9 +7,9 @@ SOURCE is a training run directory (any layout), a ``mom-convert export`` direct
 ``mom-convert to-hf`` directory; PREFIX an indexed dataset written by ``mom-preprocess``. Data
 made with another tokenizer than the model's is refused (the check training uses): re-tokenize
 it with the model's tokenizer. --tokenizer names the model's tokenizer when SOURCE does not
-record one (another tokenizer than the one SOURCE records is refused). --stride S scores lm-eval's rolling
-windows (every token once, S new tokens per window; S = --seq-len is lm-eval's
-loglikelihood_rolling). A progress bar goes to stderr, the result (JSON) to stdout. Bad input
+record one (another tokenizer than the one SOURCE records is refused). --stride S scores
+lm-eval's rolling windows (every token once, S new tokens per window; S = --seq-len is
+lm-eval's loglikelihood_rolling). A progress bar goes to stderr, the result (JSON) to stdout. Bad input
 exits 2 with one line ``mom-eval: error: ...``.
 """
 

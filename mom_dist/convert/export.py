@@ -8,10 +8,11 @@
 ``export_hf`` writes a self-contained transformers directory (needs torch + transformers only):
 the vanilla special case as a stock ``GPT2LMHeadModel``; a routed MoM as ``MoMForCausalLM`` /
 ``MoMForSequenceClassification``, whose code travels in the directory (``trust_remote_code``);
-a fine-tuned classifier's head (``convert/task_head.py``) goes with it. Both get the tokenizer (``AutoTokenizer``, remote code ``tokenization_mom.py``),
-``generation_config.json`` with our end-of-document id, and the maximum length.
-``load_source`` reads any of the three (run, export, transformers directory) back as a
-``MoMModel`` plus its tokenizer path.
+a fine-tuned classifier's head (``convert/task_head.py``) goes with it. Both get the tokenizer
+(``AutoTokenizer``, remote code ``tokenization_mom.py``), ``generation_config.json`` with our
+end-of-document id, and the maximum length. ``load_source`` reads any of the three (run,
+export, transformers directory) back as a ``MoMModel`` plus its tokenizer path
+(``convert/model_tokenizer.py`` says which tokenizer that is).
 """
 
 from __future__ import annotations

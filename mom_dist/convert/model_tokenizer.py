@@ -82,10 +82,6 @@ def run_tokenizer_search(state: dict) -> TokenizerSearch:
     return TokenizerSearch(None, tuple(dict.fromkeys(looked)))
 
 
-def run_tokenizer(state: dict) -> str | None:
-    return run_tokenizer_search(state).path
-
-
 def dir_tokenizer_search(path: str) -> TokenizerSearch:
     """An exported or to-hf directory carries its tokenizer as ``tokenizer.model`` (or none)."""
     tok = os.path.join(path, TOKENIZER_FILE)

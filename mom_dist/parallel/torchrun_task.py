@@ -1,7 +1,8 @@
 """One SLURM task of ``launchers/slurm_torchrun.sbatch``: torchrun, with every preemption signal
 delivered to every rank whenever it comes.
 
-    env --block-signal=USR1 --block-signal=TERM python .../torchrun_task.py torchrun --nnodes ... -m mom_dist.cli.train ...
+    env --block-signal=USR1 --block-signal=TERM python mom_dist/parallel/torchrun_task.py \
+        torchrun --nnodes ... -m mom_dist.cli.train ...
 
 Why this exists: a cluster sends SIGUSR1 (time limit close) or SIGTERM (preemption) at any
 moment. torchrun acts on them only once its agent has started the ranks; before that - the

@@ -264,7 +264,8 @@ def test_fine_tuned_head_goes_to_a_transformers_classifier(kind, tmp_path, capsy
     assert torch.equal(load_task_model(src).score.weight, ours.score.weight)
     assert convert_main(["to-hf", src, "-o", str(tmp_path / "hf"), "--no-tokenizer"]) == 0, capsys.readouterr().err
     hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
-    assert type(hf).__name__ == ("MoMForSequenceClassification" if kind == "routed" else "GPT2ForSequenceClassification")
+    want_class = "MoMForSequenceClassification" if kind == "routed" else "GPT2ForSequenceClassification"
+    assert type(hf).__name__ == want_class
     assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
     lengths = torch.tensor([9, 4, 12])
     ids = torch.randint(2, 64, (3, 12), generator=torch.Generator().manual_seed(1))

@@ -76,7 +76,10 @@ def test_export_and_hf_directories_give_the_same_perplexity_with_progress(world,
 
 
 def test_run_directory_tokenizer_found_from_its_data(world, tmp_path):
-    from mom_dist.convert.model_tokenizer import run_tokenizer
+    from mom_dist.convert.model_tokenizer import run_tokenizer_search
+
+    def run_tokenizer(state):
+        return run_tokenizer_search(state).path
 
     prefix = world["data"].replace("_valid_", "_train_")
     assert os.path.samefile(run_tokenizer({"config": {"data": {"train_prefixes": [prefix]}}}), world["tok"])

@@ -182,7 +182,8 @@ def evaluate(work: str, source: str, key: str, data: dict, s: dict) -> dict:
 
 def forward_cost(model, prefix: str, s: dict) -> dict:
     """Forward FLOPs per token and activation bytes per token kept for backward, measured on one
-    validation batch. To be replaced by mom_dist/plan/efficiency.py (issue 14 item 2) once merged.
+    validation batch: a measurement of the trained models, beside ``mom-plan --compare``'s analytic
+    figures (``mom_dist.plan.efficiency``, checked against the same two measurements in its tests).
 
     FLOPs: torch.utils.flop_counter on a no-grad forward, with the math attention kernel and the
     loop matmul path (the counter has no formula for CPU flash attention or torch._grouped_mm;

@@ -1,7 +1,28 @@
 # Shared by launchers/slurm.sbatch and launchers/slurm_torchrun.sbatch (sourced after they found
-# REPO): venv and mom-train, environment, rendezvous address/port, log dir and exit record, and
-# `finish_job STATUS`, which maps mom-train's exit status to requeue / success / failure.
+# REPO; they set LAUNCHER, die and SIGNALLED first): the signal handlers, venv and mom-train,
+# environment, rendezvous address/port, log dir and exit record, `run_step CMD...` (starts the
+# job step unless a signal came first, waits for it) and `finish_job STATUS`, which maps the
+# run's exit status to requeue / success / failure.
 # shellcheck shell=bash
+
+# --- signals. USR1 (`--signal=B:USR1@120`: time limit close, or `scancel --batch --signal=USR1`)
+# comes to this shell only: pass it on to srun, which signals every task. TERM (preemption,
+# scancel) reaches every task from SLURM itself: wait for their checkpoint. A signal that came
+# before these were installed was noted in SIGNALLED by the script's first lines.
+SRUN_PID=""
+REQUEUED=""
+on_usr1() {
+    SIGNALLED=USR1
+    echo "$LAUNCHER: SIGUSR1 (time limit close or scancel --batch): the tasks save and leave" >&2
+    if [[ -n "$SRUN_PID" ]]; then kill -USR1 "$SRUN_PID" 2>/dev/null || true; fi
+}
+on_term() {
+    if [[ -n "$REQUEUED" ]]; then return; fi   # SLURM ending this run of a job we requeued ourselves
+    SIGNALLED=TERM
+    echo "$LAUNCHER: SIGTERM: waiting for the tasks to save" >&2
+}
+trap on_usr1 USR1
+trap on_term TERM
 VENV="${VENV:-$REPO/.venv}"
 if [[ -f "$VENV/bin/activate" ]]; then
     # shellcheck disable=SC1091
@@ -70,14 +91,40 @@ run_step() {
 }
 
 
+# requeue_job: ask SLURM to requeue this job; succeeds when it is requeued (by us, or already by
+# SLURM itself), else sets REQUEUE_ERROR. Two ways a requeue that worked was reported failed:
+# - a partition preemption (PreemptMode=REQUEUE): SLURM requeues the job itself when it sends
+#   the SIGTERM, so our own `scontrol requeue` then fails ("Job is pending execution"): one more
+#   restart in the job's record is the answer that counts;
+# - as soon as slurmctld accepts our requeue it signals every process of this batch step (then
+#   kills it): a scontrol that had not exited yet died of that SIGTERM (143). It runs with TERM
+#   ignored, and the record is parsed here in bash (no sed to be killed).
+REQUEUE_ERROR=""
+requeue_job() {
+    REQUEUED=1   # the SIGTERM SLURM now sends this run is the requeue at work, not a preemption
+    if REQUEUE_ERROR="$( (trap '' TERM; exec scontrol requeue "$SLURM_JOB_ID") 2>&1 )"; then return 0; fi
+    local record
+    record="$( (trap '' TERM; exec scontrol -o show job "$SLURM_JOB_ID") 2>/dev/null || true)"
+    if [[ "$record" =~ \ Restarts=([0-9]+) && "${BASH_REMATCH[1]}" -gt "$RESTARTS" ]]; then
+        echo "$LAUNCHER: job $SLURM_JOB_ID is requeued (restart ${BASH_REMATCH[1]})${REQUEUE_ERROR:+; scontrol said: $REQUEUE_ERROR}" >&2
+        return 0
+    fi
+    REQUEUED=""
+    REQUEUE_ERROR="${REQUEUE_ERROR:-no message}"
+    return 1
+}
+
+
 # finish_job STATUS: rank 0's exit record and srun's status -> requeue, success or failure.
 finish_job() {
     local STATUS="$1"
-    # rank 0's own record wins over srun's status (srun reports a signal-killed peer's code instead)
+    # Rank 0's own record of a failure wins over srun's status: srun reports the code of a task
+    # killed on the way out (a peer, or torchrun's 1 whatever its ranks' codes), not why the run
+    # ended. A record of 0 with a failed step keeps the failure.
     RECORD_CODE=""
     CKPT=""
     if [[ -s "$MOM_DIST_EXIT_FILE" ]]; then read -r RECORD_CODE CKPT < "$MOM_DIST_EXIT_FILE" || true; fi
-    if [[ "$STATUS" != 0 && "$RECORD_CODE" == 75 ]]; then STATUS=75; fi
+    if [[ "$STATUS" != 0 && "$RECORD_CODE" =~ ^[1-9][0-9]*$ ]]; then STATUS="$RECORD_CODE"; fi
     rm -f "$MOM_DIST_EXIT_FILE"
 
     case "$STATUS" in
@@ -90,10 +137,12 @@ finish_job() {
                 exit 75
             fi
             echo "$LAUNCHER: requeueing job $SLURM_JOB_ID; it resumes from $WHERE" >&2
-            if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
-            echo "$LAUNCHER: error: job $SLURM_JOB_ID was preempted and 'scontrol requeue' failed${SIGNALLED:+ (SIG$SIGNALLED: SLURM may be requeueing or cancelling it itself)}; $WHERE; resubmit the same command to resume" >&2
+            if requeue_job; then exit 0; fi
+            echo "$LAUNCHER: error: job $SLURM_JOB_ID was preempted and 'scontrol requeue' failed ($REQUEUE_ERROR)${SIGNALLED:+ (SIG$SIGNALLED: SLURM may be cancelling it)}; $WHERE; resubmit the same command to resume" >&2
             exit 75 ;;
+        2) echo "$LAUNCHER: error: job $SLURM_JOB_ID: bad input (exit 2; the mom-train error line above says what to fix); not requeued" >&2; exit 2 ;;
         3) echo "$LAUNCHER: error: job $SLURM_JOB_ID: training diverged (exit 3); not requeued" >&2; exit 3 ;;
+        4) echo "$LAUNCHER: error: job $SLURM_JOB_ID: a rank stopped answering (exit 4; named above); not requeued" >&2; exit 4 ;;
         *) echo "$LAUNCHER: error: job $SLURM_JOB_ID: mom-train failed with exit status $STATUS; not requeued" >&2
            exit "$STATUS" ;;
     esac

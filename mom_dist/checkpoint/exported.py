@@ -18,7 +18,8 @@ import shutil
 
 from mom_dist.checkpoint.consolidate import consolidate
 from mom_dist.config_utils import from_dict
-from mom_dist.convert.hf import TOKENIZER_FILE, check_tokenizer, read_safetensors_dir, refuse_existing
+from mom_dist.convert.hf import check_tokenizer, read_safetensors_dir, refuse_existing
+from mom_dist.convert.model_tokenizer import TOKENIZER_FILE, choose_tokenizer, run_tokenizer_search
 from mom_dist.model.config import ModelConfig
 
 CONFIG_FILE = "mom_config.json"
@@ -52,30 +53,17 @@ def read_exported(path: str) -> tuple[ModelConfig, dict]:
     return cfg, read_safetensors_dir(path)
 
 
-def run_tokenizer(state: dict) -> str | None:
-    """The tokenizer a training run's data was made with: ``data.tokenizer_model`` of its config,
-    else the ``tokenizer_model`` that mom-preprocess recorded next to its first data prefix."""
-    data = (state.get("config") or {}).get("data") or {}
-    if data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
-        return os.path.abspath(data["tokenizer_model"])
-    prefixes = []
-    for key in ("train_prefixes", "valid_prefixes"):  # a list, or one prefix as a string
-        value = data.get(key) or []
-        prefixes += [value] if isinstance(value, str) else list(value)
-    for prefix in prefixes:
-        try:
-            with open(prefix + ".meta.json") as f:
-                rel = json.load(f).get("tokenizer_model")
-        except (OSError, ValueError):
-            continue
-        if rel:
-            path = os.path.join(os.path.dirname(os.path.abspath(prefix)), rel)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
 def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False,
-               tokenizer: str | None = None) -> str:
+               tokenizer: str | None = None, no_tokenizer: bool = False) -> str:
+    """One plain model directory from a run; its tokenizer goes with it (``tokenizer``, which
+    must be the run's own, else the one the run records). A run that records a tokenizer which
+    cannot be found is refused unless ``no_tokenizer`` (nothing is written silently without it)."""
     cfg, sd, state = consolidate(run_dir, tag)
-    return save_exported(out_dir, cfg, sd, overwrite=overwrite, tokenizer=tokenizer or run_tokenizer(state))
+    tok = None
+    if not no_tokenizer:
+        search = run_tokenizer_search(state)
+        tok = choose_tokenizer(run_dir, search, tokenizer)
+        if tok is None and search.looked_for:
+            raise ValueError(f"{search.missing(run_dir)}; pass --tokenizer M.model (the SentencePiece model its "
+                             "data was made with), or --no-tokenizer to export the weights alone")
+    return save_exported(out_dir, cfg, sd, overwrite=overwrite, tokenizer=tok)

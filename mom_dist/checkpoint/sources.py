@@ -1,6 +1,7 @@
 """Weights from any source: a training run, an exported directory, a transformers directory.
 
     model, tokenizer = load_source(path)   # mom-eval, mom-convert to-hf, mom-finetune
+    model, search = read_source(path)      # the same, with where the tokenizer was looked for
     init_from_source(model, path)          # train.init_from (the optimizer starts fresh)
 
 A source is a run directory (or its ``checkpoints/`` or one step directory; any layout, our
@@ -16,20 +17,26 @@ import os
 import torch
 
 from mom_dist.checkpoint.consolidate import consolidate, same_architecture
-from mom_dist.checkpoint.exported import is_exported, read_exported, run_tokenizer
+from mom_dist.checkpoint.exported import is_exported, read_exported
 from mom_dist.checkpoint.layout import checkpoints_dir
-from mom_dist.convert.hf import TOKENIZER_FILE, is_hf_dir, is_vanilla, read_hf_dir
+from mom_dist.convert.hf import is_hf_dir, is_vanilla, read_hf_dir
+from mom_dist.convert.model_tokenizer import TokenizerSearch, dir_tokenizer_search, run_tokenizer_search
 from mom_dist.model import MoMModel
 
 
 def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel, str | None]:
     """(model, tokenizer path or None) from a run directory (or one of its checkpoints), a
     ``mom-convert export`` directory, or a ``mom-convert to-hf`` directory (MoM or GPT-2)."""
+    model, search = read_source(path, dtype)
+    return model, search.path
+
+
+def read_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel, TokenizerSearch]:
+    """``load_source`` with where the tokenizer was looked for (for the message when it is missing)."""
     if not os.path.isdir(path):
         raise ValueError(f"'{path}' is not a directory: pass a run directory, a mom-convert export "
                          "directory or a mom-convert to-hf directory")
-    tok = os.path.join(path, TOKENIZER_FILE)
-    tok = tok if os.path.isfile(tok) else None
+    tok = dir_tokenizer_search(path)
     if is_exported(path):
         cfg, sd = read_exported(path)
     elif is_hf_dir(path):
@@ -39,7 +46,7 @@ def load_source(path: str, dtype: torch.dtype = torch.float32) -> tuple[MoMModel
             sd = {**{k: v for k, v in own.items() if "_router." in k}, **sd}
     else:
         cfg, sd, state = consolidate(path)
-        tok = run_tokenizer(state)
+        tok = run_tokenizer_search(state)
     model = MoMModel(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(dtype).eval(), tok

@@ -1,15 +1,20 @@
 """``mom-convert``: checkpoints to evaluation formats.
 
     mom-convert export RUN_DIR -o OUT_DIR [--tag step00001000]   any layout -> one plain model
-    mom-convert to-hf SOURCE -o HF_DIR [--tokenizer M.model]     -> transformers directory
+    mom-convert to-hf SOURCE -o HF_DIR                           -> transformers directory
+      (export and to-hf: [--tokenizer M.model | --no-tokenizer])
     mom-convert from-hf HF_DIR --config CFG.yaml -o OUT_DIR      phase-2 init of a MoM from GPT-2
-    mom-convert from-release SRC OUT_DIR                         the authors' release -> our format
+    mom-convert from-release SRC -o OUT_DIR                      the authors' release -> our format
 
 SOURCE is a run directory, an exported directory or a to-hf directory. to-hf writes the vanilla
 GPT-2 case as a stock GPT2LMHeadModel, and a routed MoM as MoMForCausalLM with its code in the
 directory (load with trust_remote_code=True; needs only torch + transformers), both with the
-tokenizer: the one the run's data was made with (found from its config / data), else
---tokenizer; --no-tokenizer writes none (models trained on synthetic data). Existing outputs are
+tokenizer: the one the run's data was made with (found from its config / data, relative paths
+from the directory the run was started in), else --tokenizer (refused when it is another
+tokenizer than the one SOURCE records); export and to-hf stop naming the paths tried when the
+recorded one is gone; --no-tokenizer writes none (models trained on synthetic data). A
+fine-tuned classifier (mom-finetune OUT/model) goes to to-hf with its head
+(MoMForSequenceClassification / GPT2ForSequenceClassification). Existing outputs are
 never overwritten without --overwrite. from-release reads a GPT2MoTLMHeadModel save_pretrained
 directory (config.json + model.safetensors or pytorch_model.bin) and writes an exported directory
 (what mom-eval, mom-finetune and train.init_from read) with the release's loss settings.
@@ -35,17 +40,16 @@ def main(argv=None) -> int:
     f.add_argument("hf_dir")
     f.add_argument("--config", required=True)
     f.add_argument("--set", dest="overrides", action="append", default=[])
-    for p in (e, h, f):
-        p.add_argument("-o", "--output", required=True)
-        p.add_argument("--overwrite", action="store_true")
     r = sub.add_parser("from-release", help="import a checkpoint of the authors' release (GPT2MoTLMHeadModel)")
     r.add_argument("src")
-    r.add_argument("output")
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("output_positional", nargs="?", metavar="OUT_DIR", help="the same as -o (older spelling)")
+    for p in (e, h, f, r):
+        p.add_argument("-o", "--output", required=p is not r)
+        p.add_argument("--overwrite", action="store_true")
     for p in (e, h):
-        p.add_argument("--tokenizer", default=None, help="SentencePiece .model to write with the model "
-                       "(default: the one recorded by the run's data)")
-    h.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer (synthetic-data models)")
+        p.add_argument("--tokenizer", default=None, help="SentencePiece .model to write with the model, when "
+                       "SOURCE records none (else it must be the same tokenizer)")
+        p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer (synthetic-data models)")
     args = ap.parse_args(argv)
 
     from mom_dist.checkpoint.exported import export_run, save_exported
@@ -54,22 +58,26 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "from-release":
             from mom_dist.convert.release import load_release
-            refuse_existing(args.output, args.overwrite)  # before reading gigabytes
+            output = _release_output(args)
+            refuse_existing(output, args.overwrite)  # before reading gigabytes
             cfg, sd = load_release(args.src)
-            out = save_exported(args.output, cfg, sd, overwrite=args.overwrite)
+            out = save_exported(output, cfg, sd, overwrite=args.overwrite)
         elif args.cmd == "export":
             out = export_run(args.run_dir, args.output, tag=args.tag, overwrite=args.overwrite,
-                             tokenizer=_tokenizer_arg(args.tokenizer))
+                             tokenizer=_tokenizer_arg(args.tokenizer), no_tokenizer=args.no_tokenizer)
         elif args.cmd == "to-hf":
-            from mom_dist.checkpoint.sources import load_source
+            from mom_dist.checkpoint.sources import read_source
             from mom_dist.convert.hf import export_hf
-            model, found = load_source(args.source)
-            tok = None if args.no_tokenizer else (_tokenizer_arg(args.tokenizer) or found)
+            from mom_dist.convert.model_tokenizer import choose_tokenizer
+            from mom_dist.convert.task_head import load_task_head
+
+            model, search = read_source(args.source)
+            tok = None if args.no_tokenizer else choose_tokenizer(args.source, search, _tokenizer_arg(args.tokenizer))
             if tok is None and not args.no_tokenizer:
-                raise ValueError(f"no tokenizer is recorded for '{args.source}' (its data config names none); pass "
-                                 "--tokenizer M.model (the SentencePiece model its data was made with), or "
-                                 "--no-tokenizer for a model trained on synthetic data")
-            out = export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok)
+                raise ValueError(f"{search.missing(args.source)}; pass --tokenizer M.model (the SentencePiece model "
+                                 "its data was made with), or --no-tokenizer for a model trained on synthetic data")
+            out = export_hf(model, args.output, overwrite=args.overwrite, tokenizer=tok,
+                            head=load_task_head(args.source))  # mom-finetune's classifier head
         else:
             import torch
 
@@ -87,6 +95,17 @@ def main(argv=None) -> int:
         return 2
     print(f"mom-convert: wrote {out}")
     return 0
+
+
+def _release_output(args) -> str:
+    """-o OUT_DIR, as for every other subcommand; the positional OUT_DIR of earlier versions still works."""
+    given = [p for p in (args.output, args.output_positional) if p is not None]
+    if not given:
+        raise ValueError("from-release needs an output directory: mom-convert from-release SRC -o OUT_DIR")
+    if len(given) == 2 and os.path.abspath(given[0]) != os.path.abspath(given[1]):
+        raise ValueError(f"two different output directories given ('{given[1]}' and -o '{given[0]}'); "
+                         "pass only -o OUT_DIR")
+    return given[0]
 
 
 def _tokenizer_arg(path):

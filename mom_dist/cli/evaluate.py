@@ -5,12 +5,13 @@
 
 SOURCE is a training run directory (any layout), a ``mom-convert export`` directory or a
 ``mom-convert to-hf`` directory; PREFIX an indexed dataset written by ``mom-preprocess``. Data
-made with another tokenizer than the model's is refused (the check training uses); --tokenizer
-names the model's tokenizer when SOURCE does not record one. --stride S scores lm-eval's rolling
-windows (every token once, S new tokens per window; S = --seq-len is lm-eval's
-loglikelihood_rolling). --compile runs the model through torch.compile (auto: on with CUDA;
-compiling takes about a minute there, so --compile off suits a quick look). A progress bar goes to
-stderr, the result (JSON) to stdout. Bad input exits 2 with one line ``mom-eval: error: ...``.
+made with another tokenizer than the model's is refused (the check training uses): re-tokenize
+it with the model's tokenizer. --tokenizer names the model's tokenizer when SOURCE does not
+record one (another tokenizer than the one SOURCE records is refused). --stride S scores
+lm-eval's rolling windows (every token once, S new tokens per window; S = --seq-len is
+lm-eval's loglikelihood_rolling). --compile runs the model through torch.compile (auto: on with
+CUDA; compiling takes about a minute there, so --compile off suits a quick look). A progress bar
+goes to stderr, the result (JSON) to stdout. Bad input exits 2 with one line ``mom-eval: error: ...``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
                     help="torch.compile the model (auto: on with CUDA, off on CPU, where it does not pay)")
     args = ap.parse_args(argv)
 
-    from mom_dist.checkpoint.sources import load_source
+    from mom_dist.checkpoint.sources import read_source
+    from mom_dist.convert.model_tokenizer import choose_tokenizer
     from mom_dist.evaluate.perplexity import check_data_for_model, perplexity
     from mom_dist.model.compile import compile_model, compile_summary, compile_wanted
 
@@ -55,8 +57,9 @@ def main(argv=None) -> int:
         device = args.device or ("cuda" if _cuda() else "cpu")
         if device.startswith("cuda") and not _cuda():
             raise ValueError(f"--device {device}: no CUDA device here; use --device cpu")
-        model, tokenizer = load_source(args.source)
-        eod = check_data_for_model(args.data, model.cfg.vocab_size, args.tokenizer or tokenizer)
+        model, search = read_source(args.source)
+        tokenizer = choose_tokenizer(args.source, search, args.tokenizer)  # --tokenizer: only the model's own
+        eod = check_data_for_model(args.data, model.cfg.vocab_size, tokenizer)
         compiled = compile_wanted(args.compile, device)
         if compiled:
             compile_model(model)

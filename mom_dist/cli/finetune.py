@@ -7,12 +7,15 @@
     torchrun --nproc_per_node 8 -m mom_dist.cli.finetune SOURCE ... --set parallel.ep_size=4
 
 SOURCE is a training run directory (any layout) or an exported directory (``mom-convert
-export``/``from-release``); the tokenizer is its ``tokenizer.model``, the run's
-data.tokenizer_model, or --tokenizer. Presets: cola sst2 mrpc qqp stsb mnli qnli rte wnli (GLUE
+export``/``from-release``); the tokenizer is its ``tokenizer.model`` or the run's (its
+data.tokenizer_model, found from any directory), else --tokenizer (which may not replace the
+tokenizer SOURCE records with another one). Presets: cola sst2 mrpc qqp stsb mnli qnli rte wnli (GLUE
 field layouts and metrics) and xsum (document/summary, ROUGE-1/2/L). ``--set`` overrides
 train.* (steps, lr, batch sizes, seq_len, precision, seed...), parallel.* (ep_size, zero_stage,
 ...) and non-architecture model.* options (dropout, loss coefficients). Writes
-OUT_DIR/eval_results.json, predictions.jsonl, metrics.jsonl and the fine-tuned weights.
+OUT_DIR/eval_results.json, predictions.jsonl, metrics.jsonl and OUT_DIR/model/ (the fine-tuned
+model with its tokenizer and task head: ``mom-convert to-hf OUT_DIR/model`` makes it a
+transformers sequence classifier).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", required=True, help="training file (.json/.jsonl/.csv/.tsv/.parquet)")
     ap.add_argument("--eval", required=True, help="evaluation file (same formats)")
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: found next to SOURCE)")
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model, when SOURCE records none "
+                    "(else it must be the same tokenizer)")
     ap.add_argument("--text-fields", default=None, help="comma-separated text columns (one or two)")
     ap.add_argument("--label-field", default=None)
     ap.add_argument("--num-labels", type=int, default=None)

@@ -41,17 +41,58 @@ def read_hf_state_dict(source) -> dict:
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        st = os.path.join(source, "model.safetensors")
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-            return load_file(st)
-        binf = os.path.join(source, "pytorch_model.bin")
-        if os.path.exists(binf):
-            return torch.load(binf, map_location="cpu", weights_only=True)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(source, name)):
+                return read_weights_file(os.path.join(source, name))
         raise ValueError(f"'{source}' holds neither model.safetensors nor pytorch_model.bin: "
                          "pass a directory written by GPT2LMHeadModel.save_pretrained")
     raise ValueError(f"cannot read GPT-2 weights from {source!r}: pass a transformers GPT-2 module, "
                      "its state dict, or a local save_pretrained directory")
+
+
+def read_weights_file(path: str) -> dict:
+    """The state dict in a transformers weights file (``model.safetensors`` or a ``pytorch_model.bin``
+    pickle), read without running code from it. A pickle that names anything but plain data, a
+    truncated or foreign file: ``ValueError`` naming the file (never a traceback, never executed).
+
+    The pickle's globals are listed from its opcodes first (nothing runs); any global at all is
+    refused (a transformers save holds tensors only), then ``torch.load(weights_only=True)`` reads it."""
+    import pickle
+
+    def refuse(what: str):
+        raise ValueError(f"refusing to load '{path}': it is not plain tensor data and loading it could run code "
+                         f"({what[:160]}); only use weights from a source you trust, saved with save_pretrained")
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            try:  # reads the opcodes without executing any
+                named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # noqa: BLE001  (not a zip checkpoint: torch.load below refuses or reads it)
+                named = []
+            if named:
+                refuse("it names " + ", ".join(named[:3]))
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                named_code = [x.strip() for x in str(e).strip().splitlines() if "GLOBAL" in x]
+                if named_code:  # the unpickler met a global the listing missed: code, refused
+                    refuse(named_code[0])
+                raise  # bytes that are no pickle at all are not code: "cannot read" below
+    except ValueError as e:
+        if str(e).startswith("refusing to load"):
+            raise
+        raise ValueError(f"cannot read the weights in '{path}' ({str(e).strip().splitlines()[0][:200]}); it is "
+                         "truncated or not a transformers weights file: save it again with save_pretrained") from None
+    except Exception as e:  # noqa: BLE001  (torch, pickle and safetensors each raise their own)
+        raise ValueError(f"cannot read the weights in '{path}' ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); it is truncated or not a "
+                         "transformers weights file: save it again with save_pretrained") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"'{path}' does not hold a state dict (a dict of tensors)")
+    return sd
 
 
 def layers_from_hf(sd: dict) -> tuple[dict, list[dict]]:

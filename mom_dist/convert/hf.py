@@ -8,7 +8,8 @@ Both get the tokenizer (``AutoTokenizer``, remote code ``tokenization_mom.py``),
 ``read_hf_dir`` reads such a directory (or a Hugging Face GPT-2) back as a model config and a
 plain state dict; ``mom_dist.checkpoint.sources.load_source`` uses it. The tokenizer checks
 and the output-directory check here are shared with our exported directories
-(``mom_dist.checkpoint.exported``).
+(``mom_dist.checkpoint.exported``). A fine-tuned classifier's head (``convert/task_head.py``)
+goes with the model: ``MoMForSequenceClassification`` / ``GPT2ForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import torch
 
 from mom_dist.config_utils import from_dict
 from mom_dist.convert.gpt2 import hf_from_layers, layers_from_hf, layers_from_mom, mom_from_layers
+from mom_dist.convert.model_tokenizer import TOKENIZER_FILE
+from mom_dist.convert.task_head import TaskHead
 from mom_dist.model import MoMModel
 from mom_dist.model.config import ModelConfig, gpt2_config
 
 HF_REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def refuse_existing(out_dir: str, overwrite: bool) -> None:
@@ -150,15 +152,28 @@ def _write_generation_config(out_dir: str, ids: dict) -> None:
         json.dump(ids, f, indent=1)
 
 
-def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
-    """A transformers directory: GPT2LMHeadModel for the vanilla case, else MoMForCausalLM."""
+def export_hf(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None,
+              head: TaskHead | None = None) -> str:
+    """A transformers directory: GPT2LMHeadModel for the vanilla case, else MoMForCausalLM; with a
+    fine-tuned ``head``, GPT2ForSequenceClassification / MoMForSequenceClassification."""
     if is_vanilla(model.cfg):
-        return export_hf_gpt2(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
-    return export_hf_mom(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
+        return export_hf_gpt2(model, out_dir, overwrite=overwrite, tokenizer=tokenizer, head=head)
+    return export_hf_mom(model, out_dir, overwrite=overwrite, tokenizer=tokenizer, head=head)
 
 
-def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
-    """A routed MoM with its code (``trust_remote_code``): ``MoMForCausalLM`` weights under ``model.``."""
+def _check_head(head: TaskHead | None, d_model: int) -> dict:
+    if head is None:
+        return {}
+    if head.weight.shape[1] != d_model:
+        raise ValueError(f"the task head's score.weight has shape {tuple(head.weight.shape)}, not (labels, "
+                         f"{d_model}): it belongs to another model")
+    return head.hf_config()
+
+
+def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None,
+                  head: TaskHead | None = None) -> str:
+    """A routed MoM with its code (``trust_remote_code``): ``MoMForCausalLM`` weights under ``model.``
+    (plus ``score.weight`` for ``MoMForSequenceClassification`` when a task head is given)."""
     from safetensors.torch import save_file
 
     from mom_dist.convert.hf_remote.configuration_mom import MoMConfig
@@ -166,14 +181,18 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
     refuse_existing(out_dir, overwrite)
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.cfg.vocab_size)
+    head_cfg = _check_head(head, model.cfg.d_model)
     os.makedirs(out_dir, exist_ok=True)
     ids = special_ids(tokenizer)
-    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), architectures=["MoMForCausalLM"], auto_map={
+    arch = "MoMForSequenceClassification" if head else "MoMForCausalLM"
+    hf_cfg = MoMConfig(mom=dataclasses.asdict(model.cfg), architectures=[arch], auto_map={
         "AutoConfig": "configuration_mom.MoMConfig", "AutoModel": "modeling_mom.MoMModel",
         "AutoModelForCausalLM": "modeling_mom.MoMForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_mom.MoMForSequenceClassification"}, **ids)
+        "AutoModelForSequenceClassification": "modeling_mom.MoMForSequenceClassification"}, **ids, **head_cfg)
     hf_cfg.save_pretrained(out_dir)
     sd = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    if head is not None:
+        sd["score.weight"] = head.weight.detach().float().contiguous()
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     for name in ("configuration_mom.py", "modeling_mom.py"):
         shutil.copy(os.path.join(HF_REMOTE, name), out_dir)
@@ -183,9 +202,11 @@ def export_hf_mom(model: MoMModel, out_dir: str, *, overwrite: bool = False, tok
     return out_dir
 
 
-def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
-    """Write a vanilla-schedule MoM (spec §7: the GPT-2 special case) as a GPT2LMHeadModel."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, tokenizer: str | None = None,
+                   head: TaskHead | None = None) -> str:
+    """Write a vanilla-schedule MoM (spec §7: the GPT-2 special case) as a GPT2LMHeadModel (with a
+    task head: a GPT2ForSequenceClassification)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     cfg = model.cfg
     if not is_vanilla(cfg):
@@ -194,14 +215,20 @@ def export_hf_gpt2(model: MoMModel, out_dir: str, *, overwrite: bool = False, to
     refuse_existing(out_dir, overwrite)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg.vocab_size)
+    head_cfg = _check_head(head, cfg.d_model)
     embed, layers = layers_from_mom(model.state_dict(), cfg)
     ids = special_ids(tokenizer)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
                         n_layer=len(layers), n_head=cfg.n_heads, activation_function="gelu_new",
                         layer_norm_epsilon=cfg.layer_norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                        attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids)
-    hf = GPT2LMHeadModel(hf_cfg)
-    missing, unexpected = hf.load_state_dict(hf_from_layers(embed, layers), strict=False)
+                        attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids, **head_cfg)
+    sd = hf_from_layers(embed, layers)
+    if head is None:
+        hf = GPT2LMHeadModel(hf_cfg)
+    else:  # GPT-2's own classifier: the body under transformer., score.weight, no LM head
+        hf = GPT2ForSequenceClassification(hf_cfg)
+        sd = {**{k: v for k, v in sd.items() if k != "lm_head.weight"}, "score.weight": head.weight.float()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), missing
     hf.save_pretrained(out_dir)
     _write_generation_config(out_dir, ids)

@@ -15,13 +15,17 @@ computation order - B bottom layers, then for each chunk its MoM block (and, wit
                                                            (+ bias_ih / bias_hh; gate order r, z, n
                                                            in both, and the same cell equations)
                  h.{i}.mot_{attn,ffn}.router.router     -> head.weight + head_bias (router_bias)
-    MLP router   router.router.0 / router.router.2      -> hidden / head ("naive" router type)
+    MLP router   router.router.0 / router.router.2      -> hidden / head ("naive" router type; the
+                                                           release tests "naive" before "gru", so
+                                                           a router_type with both is an MLP router)
 
 The imported model uses the release's numerics: renormalised top-K weights, its balance loss
 (second softmax, attention + FFN summed, pooled across chunks or depthwise) with its
-coefficient. Settings the release offers but our model does not compute the same way
-(straight-through sign weights, all-path routing, perturbed GRU routers, no SKIP class,
-single-module pools, untied LM head) are refused with a message, never approximated.
+coefficient (0 when ``output_router_logits`` is false: the release then computes no aux loss and
+trains without it, so the import does too). Settings the release offers but our model does not
+compute the same way (straight-through sign weights, all-path routing, perturbed GRU routers,
+no SKIP class, single-module pools, untied LM head) are refused with a message, never
+approximated.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def config_from_release(rc: dict) -> ModelConfig:
         raise ValueError(f"config.json describes architecture {archs or rc.get('model_type')!r}, not the release's "
                          f"{ARCHITECTURE}; a stock GPT-2 goes through `mom-convert from-hf`")
     rtype = str(_need(rc, "router_type"))
-    if "softmax" not in rtype or not ("gru" in rtype or "naive" in rtype) or any(
-            w in rtype for w in ("random", "dev", "pgru")):
+    kind = router_kind(rtype)
+    if "softmax" not in rtype or kind is None or (kind == "gru" and any(w in rtype for w in ("random", "dev", "pgru"))):
         raise ValueError(f"router_type={rtype!r} is not supported: only the softmax GRU ('gru_softmax') and MLP "
                          "('naive_softmax') routers compute like ours")
     d = int(_need(rc, "n_embd"))
@@ -77,7 +81,7 @@ def config_from_release(rc: dict) -> ModelConfig:
         (not rc.get("scale_attn_weights", True), "scale_attn_weights=false"),
         (rc.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true"),
         (not rc.get("tie_word_embeddings", True), "tie_word_embeddings=false (our LM head is the token embedding)"),
-        ("naive" in rtype and n_f < n_a, f"a naive router with num_ffn={n_f} < num_attn={n_a} (its classes differ)"),
+        (kind == "mlp" and n_f < n_a, f"a naive router with num_ffn={n_f} < num_attn={n_a} (its classes differ)"),
     ]
     for bad, what in unsupported:
         if bad:
@@ -86,7 +90,7 @@ def config_from_release(rc: dict) -> ModelConfig:
     steps = rc.get("depth_per_chunk")
     steps = int(steps) if steps is not None else int(n_f * float(_need(rc, "depth_multiplier")))
     n_classes = max(n_a, n_f) + 1
-    router = dict(kind="gru" if "gru" in rtype else "mlp", dim=int(_need(rc, "router_dim")),
+    router = dict(kind=kind, dim=int(_need(rc, "router_dim")),
                   temperature=float(rc.get("router_softmax_temperature", 1.0)),
                   top_k=min(int(rc.get("routing_top_k", 1)), n_classes), weighting="renorm")
     drops = {float(rc.get(k, 0.1)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
@@ -98,12 +102,22 @@ def config_from_release(rc: dict) -> ModelConfig:
         attn_router=RouterConfig(**router), ffn_router=RouterConfig(**router),
         qkv_weighted=bool(rc.get("weighted_qkv", False)), dropout=max(drops),
         layer_norm_eps=float(rc.get("layer_norm_epsilon", 1e-5)), init_std=float(rc.get("initializer_range", 0.02)),
-        balance_coef=float(rc.get("router_aux_loss_coef", 0.01)),
+        # output_router_logits=false: the release returns no aux_loss and trains without one
+        balance_coef=float(rc.get("router_aux_loss_coef", 0.01)) if rc.get("output_router_logits", True) else 0.0,
         balance_mode="depthwise" if rc.get("depthwise_bal_loss", False) else "pooled",
         balance_double_softmax=True, balance_reduction="release", router_bias=router["kind"] == "gru",
         z_loss_coef=0.0)
     cfg.validate()
     return cfg
+
+
+def router_kind(router_type: str) -> str | None:
+    """The router the release builds for ``router_type``: its ``get_router`` and both module
+    forwards test "naive" first (an MLP ``TokenRouter``, which ignores "random"/"dev"), then
+    "gru". So "naive_gru_softmax" is an MLP router. None: neither."""
+    if "naive" in router_type:
+        return "mlp"
+    return "gru" if "gru" in router_type else None
 
 
 def _layer_kinds(cfg: ModelConfig) -> list[tuple[str, int]]:
@@ -178,17 +192,9 @@ def read_release(src: str) -> tuple[dict, dict]:
     if not (os.path.exists(st) or os.path.exists(binf)):
         raise ValueError(f"'{src}' holds neither model.safetensors nor pytorch_model.bin (sharded checkpoints: "
                          "merge them with transformers' save_pretrained(max_shard_size='100GB') first)")
-    try:
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-            sd = load_file(st)
-        else:
-            sd = torch.load(binf, map_location="cpu", weights_only=True)  # no code runs from the file
-    except Exception as e:  # truncated or foreign files: torch/pickle/safetensors each raise their own
-        raise ValueError(f"cannot read the weights in '{src}' ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:200]})")
-    if not isinstance(sd, dict):
-        raise ValueError(f"the weights file in '{src}' does not hold a state dict")
+    from mom_dist.convert.gpt2 import read_weights_file
+
+    sd = read_weights_file(st if os.path.exists(st) else binf)  # no code runs from the file
     return rc, sd
 
 

@@ -18,8 +18,10 @@ right-padded to ``train.seq_len`` (attention is causal: padding never changes th
 
 At the end every rank rebuilds the plain model (module pools gathered over the EP group),
 evaluates its share of the evaluation file, and rank 0 writes ``eval_results.json`` (metrics),
-``predictions.jsonl``, ``metrics.jsonl`` (training losses) and the fine-tuned weights
-(``model/``: an exported directory; ``task_head.safetensors``).
+``predictions.jsonl``, ``metrics.jsonl`` (training losses) and the fine-tuned model
+(``model/``: an exported directory with the tokenizer and, for classification/regression, the
+head: ``task_head.safetensors``; ``load_task_model`` reads it back, ``mom-convert to-hf`` turns
+it into a transformers sequence classifier).
 """
 
 from __future__ import annotations
@@ -162,33 +164,15 @@ class Prepared:
     eod: int
     tokenizer_path: str
     state_dict: dict  # the source model's weights (plain names)
-
-
-def _find_tokenizer(source: str, given: str | None) -> str:
-    if given:
-        return given
-    candidates = [os.path.join(source, "tokenizer.model")]
-    run_cfg = os.path.join(source, "config.json")
-    if os.path.exists(run_cfg):
-        try:
-            with open(run_cfg) as f:
-                tok = (json.load(f).get("data") or {}).get("tokenizer_model")
-            if tok:
-                candidates.append(tok)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    raise ValueError(f"no tokenizer found for '{source}' (looked for {', '.join(candidates)}); pass --tokenizer "
-                     "with the SentencePiece .model the model was trained with")
+    label_names: list | None = None  # string labels in id order (classification), else None
 
 
 def prepare(source: str, task: T.TaskConfig, out_dir: str, overrides: list[str] | None = None, *,
             tokenizer: str | None = None, overwrite: bool = False) -> Prepared:
     """Every check that can fail on user input, before any process group exists."""
     from mom_dist.checkpoint.consolidate import same_architecture
-    from mom_dist.checkpoint.sources import load_exported
+    from mom_dist.checkpoint.sources import read_source
+    from mom_dist.convert.model_tokenizer import choose_tokenizer
     from mom_dist.data.tokenizer import Tokenizer
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -196,7 +180,7 @@ def prepare(source: str, task: T.TaskConfig, out_dir: str, overrides: list[str] 
     if not os.path.isdir(source):
         raise ValueError(f"model source '{source}' is not a directory: pass a training run or an exported directory")
     try:
-        src_model = load_exported(source)
+        src_model, search = read_source(source)
     except FileNotFoundError as e:
         raise ValueError(f"cannot read the model in '{source}': {e}")
     data = {"model": dataclasses.asdict(src_model.cfg), "train": dict(TRAIN_DEFAULTS, out_dir=out_dir), "parallel": {}}
@@ -210,7 +194,10 @@ def prepare(source: str, task: T.TaskConfig, out_dir: str, overrides: list[str] 
     if not same_architecture(cfg.model, src_model.cfg):
         raise ValueError("--set model.* may change training options (dropout, loss coefficients, checkpointing), not "
                          "the architecture of the model being fine-tuned")
-    tok_path = _find_tokenizer(source, tokenizer)
+    tok_path = choose_tokenizer(source, search, tokenizer)  # --tokenizer: only the model's own
+    if tok_path is None:
+        raise ValueError(f"{search.missing(source)}; pass --tokenizer with the SentencePiece .model the model was "
+                         "trained with")
     tok = Tokenizer(tok_path)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {cfg.model.vocab_size}: it is not "
@@ -222,7 +209,21 @@ def prepare(source: str, task: T.TaskConfig, out_dir: str, overrides: list[str] 
     labels_map = T.label_mapping(task, train_rows)
     train = T.encode(task, train_rows, tok, cfg.train.seq_len, "training", labels_map)
     evals = T.encode(task, eval_rows, tok, cfg.train.seq_len, "evaluation", labels_map, for_training=False)
-    return Prepared(cfg, task, source, out_dir, train, evals, tok.eod, tok_path, src_model.state_dict())
+    names = sorted(labels_map, key=labels_map.get) if labels_map else None
+    return Prepared(cfg, task, source, out_dir, train, evals, tok.eod, tok_path, src_model.state_dict(), names)
+
+
+def load_task_model(model_dir: str) -> TaskModel:
+    """A fine-tuned model back from ``OUT_DIR/model`` (its head, if it has one), in eval mode."""
+    from mom_dist.checkpoint.sources import load_exported
+    from mom_dist.convert.task_head import load_task_head
+
+    mom, head = load_exported(model_dir), load_task_head(model_dir)
+    model = TaskModel(mom, head.kind if head else "summarization", head.num_labels if head else 1)
+    if head is not None:
+        with torch.no_grad():
+            model.score.weight.copy_(head.weight)
+    return model.eval()
 
 
 # -------------------------------------------------------------------------------- train
@@ -240,12 +241,14 @@ def finetune(prepared: Prepared, *, log=print) -> dict:
     from mom_dist.parallel.dims import build_parallel_dims
     from mom_dist.parallel.expert_parallel import apply_expert_parallel
     from mom_dist.parallel.runtime import init_distributed
+    from mom_dist.quiet import drop_stdout_lines
     from mom_dist.train.metrics import MetricsWriter
     from mom_dist.train.trainer import _device, _grad_norm, _mean_over_ranks, _to
 
     cfg, task = prepared.cfg, prepared.task
     t, p = cfg.train, cfg.parallel
-    init_distributed(p.backend)
+    with drop_stdout_lines():  # DeepSpeed's 'op built successfully' print, every CPU rank (as mom-train)
+        init_distributed(p.backend)
     dims = build_parallel_dims(p.ep_size)
     device = _device()
     ga = deepspeed_engine.gradient_accumulation(cfg, dims)
@@ -350,15 +353,15 @@ def evaluate(model: TaskModel, prepared: Prepared, dims, device, log=print) -> d
 
 
 def save_outputs(plain: TaskModel, prepared: Prepared, result: dict) -> None:
-    from safetensors.torch import save_file
-
     from mom_dist.checkpoint.exported import save_exported
+    from mom_dist.convert.task_head import TaskHead, save_task_head
 
     out = prepared.out_dir
     os.makedirs(out, exist_ok=True)
-    save_exported(os.path.join(out, "model"), plain.cfg, plain.mom.state_dict(), overwrite=True)
+    model_dir = os.path.join(out, "model")  # with its tokenizer and head: mom-convert to-hf reads it whole
+    save_exported(model_dir, plain.cfg, plain.mom.state_dict(), overwrite=True, tokenizer=prepared.tokenizer_path)
     if plain.score is not None:
-        save_file({"score.weight": plain.score.weight.detach().contiguous()}, os.path.join(out, "task_head.safetensors"))
+        save_task_head(model_dir, TaskHead(plain.score.weight, prepared.task.kind, prepared.label_names))
     with open(os.path.join(out, "predictions.jsonl"), "w") as f:
         for p in result["predictions"]:
             f.write(json.dumps(p) + "\n")

@@ -13,7 +13,8 @@ id, as ``mom-preprocess`` writes them). Two ways to cut it into windows of ``seq
   prediction more context (lower perplexity, seq_len/S times the compute).
 
 Before reading anything the data is checked against the model's tokenizer with the training
-loader's own check (``mom_dist.data.loader.check_data``), so another tokenizer's data is refused.
+loader's own check (``mom_dist.data.loader.check_data``), so another tokenizer's data is refused
+(the fix is to re-tokenize the data, never to swap the model's tokenizer).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ def check_data_for_model(prefix: str, vocab_size: int, tokenizer: str | None) ->
     from mom_dist.data import indexed
     from mom_dist.data.loader import DataConfig, check_data
 
+    meta = indexed.read_meta(prefix) or {}
     if tokenizer is not None:
         from mom_dist.convert.hf import check_tokenizer
 
-        check_tokenizer(tokenizer, vocab_size)  # a corrupt .model is bad input, not a traceback
-    meta = indexed.read_meta(prefix) or {}
+        tok = check_tokenizer(tokenizer, vocab_size)  # a corrupt .model is bad input, not a traceback
+        why = indexed.tokenizer_mismatch(meta, tok)
+        if why:  # the model cannot read these ids: the data must change, not the model's tokenizer
+            raise ValueError(f"'{prefix}' was tokenized with another tokenizer than the model's ({tokenizer}: {why}); "
+                             "re-tokenize the data with the model's tokenizer (mom-preprocess --tokenizer-model "
+                             f"{tokenizer} ...)")
     if tokenizer is None and any(k.startswith("tokenizer") and v for k, v in meta.items()):
         raise ValueError(f"'{prefix}' was made with a recorded tokenizer but the model records none, so they cannot "
                          "be compared; pass --tokenizer M.model (the tokenizer the model was trained with)")

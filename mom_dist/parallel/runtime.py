@@ -1,7 +1,8 @@
 """Process start-up and shutdown under every launcher we support.
 
-``discover_launch_env()`` reads who we are from the launcher's variables - ``deepspeed`` and
-``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), ``mpirun`` (MPICH's PMI_*, Open MPI's
+``discover_launch_env()`` reads who we are from the launcher's variables - ``deepspeed``
+(RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_SIZE/MASTER_*), ``torchrun`` (the same with LOCAL_WORLD_SIZE),
+``mpirun`` (MPICH's PMI_*, Open MPI's
 OMPI_COMM_WORLD_*), SLURM ``srun`` (SLURM_PROCID/...) - or none (one process), and checks it
 before any collective starts: an inconsistent environment raises ``LaunchError`` naming the
 variable and the fix instead of hanging in a rendezvous.
@@ -38,7 +39,7 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class LaunchEnv:
-    launcher: str  # single | torchrun | mpi | slurm
+    launcher: str  # single | deepspeed | torchrun | env (RANK/WORLD_SIZE set otherwise) | mpi | slurm
     rank: int
     world_size: int
     local_rank: int
@@ -60,11 +61,15 @@ def discover_launch_env(env: dict | None = None, rendezvous: bool = False) -> La
     MASTER_ADDR/MASTER_PORT exchange them over mpi4py; every rank must then call this."""
     env = dict(os.environ if env is None else env)
     port = env.get("MASTER_PORT", "29500")
-    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed / torchrun / our launchers
-        launcher = "torchrun"
+    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed / torchrun / our launchers / by hand
+        # DeepSpeed's launcher names the node's process count LOCAL_SIZE (and the node CROSS_RANK),
+        # torchrun LOCAL_WORLD_SIZE (and runs an elastic agent); anything else set RANK itself.
+        launcher = ("deepspeed" if "CROSS_RANK" in env and "LOCAL_SIZE" in env else
+                    "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        local_size = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        size_var = "LOCAL_SIZE" if launcher == "deepspeed" else "LOCAL_WORLD_SIZE"
+        local_size = _int(env, size_var) if size_var in env else world
     elif "PMI_RANK" in env or "OMPI_COMM_WORLD_RANK" in env:
         launcher = "mpi"
         if "PMI_RANK" in env:  # MPICH / Intel MPI (Hydra)

@@ -162,6 +162,9 @@ def _train(cfg: Config, dims, log) -> TrainResult:
     if dims.rank == 0:  # only now: a refused run leaves the previous config.json in place
         dump_config(cfg, os.path.join(t.out_dir, "config.json"))
     watch_collectives(p.collective_timeout_s)  # set-up done: from here a silent rank ends the job
+    # The config each checkpoint records, with the directory its relative paths (data, tokenizer)
+    # are relative to: the tools that read the run resolve them from anywhere (convert/model_tokenizer).
+    saved_config = {**cfg.to_dict(), "workdir": os.getcwd()}
     metrics = MetricsWriter(t.out_dir, dims.rank == 0, t.tensorboard, resume_step=start_step)
     if metrics.superseded and dims.rank == 0:
         log(f"[mom_dist] metrics.jsonl: {metrics.superseded} records past step {start_step} (a launch that ended "
@@ -240,7 +243,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
                 if dims.rank == 0:
                     log(f"[mom_dist] step {step} was skipped: no checkpoint; latest stays {ckpt.latest_tag()}")
             else:
-                last_tag = ckpt.save_checked(step, consumed, cfg.to_dict(), loss=parts[0].item(),
+                last_tag = ckpt.save_checked(step, consumed, saved_config, loss=parts[0].item(),
                                              extra={"loss_window": list(guard.recent)})
         if leaving and dims.rank == 0:
             log(f"[mom_dist] {'preemption signal' if preempted else 'train.stop_after reached'}: "

@@ -29,6 +29,18 @@ def tokenizer(root) -> str:
     return prefix + ".model"
 
 
+def other_tokenizer(root) -> str:
+    """Another SentencePiece model (other texts, fewer ids): not the fixture models' tokenizer."""
+    from mom_dist.data.tokenizer import train_tokenizer
+
+    prefix = os.path.join(str(root), "other_tok")
+    if not os.path.exists(prefix + ".model"):
+        rng = random.Random(1)
+        train_tokenizer([" ".join(rng.choice(WORDS[::2]) + str(rng.randrange(100)) for _ in range(20))
+                         for _ in range(200)], prefix, vocab_size=300)
+    return prefix + ".model"
+
+
 def exported_model(root, name="model", **overrides) -> str:
     """A randomly initialised MoM exported with its tokenizer next to it (tokenizer.model)."""
     from mom_dist.checkpoint.exported import save_exported

@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from mom_dist.evaluate import finetune as ft
+from mom_dist.evaluate.tasks import TaskConfig
 from mom_dist.parallel.local_launch import REPO, RankFailure, rank_env, run_ranks
 from tests.evaluate import fixtures as fx
 
@@ -45,10 +47,30 @@ def test_cli_fine_tunes_a_separable_task_well_above_chance(root, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["task_loss"] for r in lines if r["kind"] == "finetune"]
     assert train_losses[-1] < 0.5 * train_losses[0]
-    # the fine-tuned backbone is an exported directory
-    from mom_dist.checkpoint.sources import load_exported
-    assert load_exported(str(out / "model")).cfg.d_model == fx.MODEL["d_model"]
     assert "mom-finetune: done: accuracy" in proc.stdout
+    assert "built successfully" not in proc.stdout  # DeepSpeed's op-load print is filtered, as in mom-train
+    # the fine-tuned model is an exported directory with its tokenizer and its head ...
+    import filecmp
+
+    assert filecmp.cmp(out / "model" / "tokenizer.model", os.path.join(src, "tokenizer.model"), shallow=False)
+    ours = ft.load_task_model(str(out / "model"))
+    assert ours.cfg.d_model == fx.MODEL["d_model"] and ours.kind == "classification"
+    # ... and to-hf makes it a transformers classifier with the same logits (right-padded batch)
+    from transformers import AutoModelForSequenceClassification
+
+    from mom_dist.cli.convert import main as convert_main
+    assert convert_main(["to-hf", str(out / "model"), "-o", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    assert hf.config.num_labels == 2 and hf.config.problem_type == "single_label_classification"
+    task = TaskConfig.build("sst2", train_file=train, eval_file=dev)
+    examples = ft.prepare(src, task, str(tmp_path / "again"), SMALL).eval[:16]  # encoded as the run did
+    batch = ft.collate(examples, task, max(len(e.ids) for e in examples), pad=0)
+    mask = (torch.arange(batch["tokens_BS"].shape[1])[None] <= batch["last_B"][:, None]).long()
+    with torch.no_grad():
+        want = ours(**batch).scores
+        got = hf(input_ids=batch["tokens_BS"], attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.argmax(-1).tolist() == [p["prediction"] for p in preds[:16]]
 
 
 def _runs(root, tmp_path, layout: str, overrides: list) -> list[dict]:
@@ -143,6 +165,7 @@ def test_batched_generation_equals_greedy_decoding_of_each_prompt():
     ("string label", "is not a class id in [0, 2)"),
     ("bad source", "is not a directory"),
     ("wrong tokenizer", "not the model's tokenizer"),
+    ("another model's tokenizer", "their vocabularies differ"),
     ("architecture override", "not the architecture"),
 ])
 def test_input_errors_are_one_line_and_exit_2(root, tmp_path, capsys, case, message):
@@ -169,6 +192,8 @@ def test_input_errors_are_one_line_and_exit_2(root, tmp_path, capsys, case, mess
         argv[0] = str(tmp_path / "no_model")
     elif case == "wrong tokenizer":
         argv[0] = fx.exported_model(root, "small_vocab", vocab_size=300)
+    elif case == "another model's tokenizer":
+        argv += ["--tokenizer", fx.other_tokenizer(root)]
     elif case == "architecture override":
         argv += ["--set", "model.d_model=64"]
     capsys.readouterr()
@@ -232,17 +257,26 @@ def test_task_loss_keeps_balance_and_z_losses_and_ignores_padding(kind):
         torch.testing.assert_close(alone[0], out.scores[i], rtol=1e-5, atol=1e-6)
 
 
-def test_tokenizer_is_found_next_to_the_model_or_in_the_run_config(tmp_path):
-    from mom_dist.evaluate.finetune import _find_tokenizer
+def test_tokenizer_must_be_the_models_own(root, tmp_path):
+    """--tokenizer may name the model's tokenizer (any file name), never another one: the model
+    would read ids it never learned."""
+    import shutil
 
-    run = tmp_path / "run"
-    run.mkdir()
-    tok = tmp_path / "corpus.model"
-    tok.write_bytes(b"x")
-    (run / "config.json").write_text(json.dumps({"data": {"tokenizer_model": str(tok)}}))
-    assert _find_tokenizer(str(run), None) == str(tok)
-    (run / "tokenizer.model").write_bytes(b"x")
-    assert _find_tokenizer(str(run), None) == str(run / "tokenizer.model")
-    assert _find_tokenizer(str(run), "given.model") == "given.model"
-    with pytest.raises(ValueError, match="pass --tokenizer"):
-        _find_tokenizer(str(tmp_path), None)
+    from mom_dist.evaluate import finetune as ft
+    from mom_dist.evaluate.tasks import TaskConfig
+
+    src = fx.exported_model(root)
+    good = fx.write_jsonl(tmp_path / "good.jsonl", fx.classification_rows(10, seed=0))
+    task = TaskConfig.build("sst2", train_file=good, eval_file=good)
+    other = fx.other_tokenizer(root)
+    with pytest.raises(ValueError, match="is not the tokenizer .* was trained with .*re-tokenize the data"):
+        ft.prepare(src, task, str(tmp_path / "out"), tokenizer=other)
+    assert not (tmp_path / "out").exists()
+    renamed = shutil.copy(os.path.join(src, "tokenizer.model"), tmp_path / "renamed.model")
+    prepared = ft.prepare(src, task, str(tmp_path / "out"), tokenizer=str(renamed))
+    assert prepared.tokenizer_path == os.path.join(src, "tokenizer.model")
+    bare = fx.exported_model(root, "bare_model")
+    os.remove(os.path.join(bare, "tokenizer.model"))  # records none: --tokenizer names it
+    with pytest.raises(ValueError, match=f"no tokenizer is recorded for '{bare}'; pass --tokenizer"):
+        ft.prepare(bare, task, str(tmp_path / "out"))
+    assert ft.prepare(bare, task, str(tmp_path / "out"), tokenizer=other).tokenizer_path == other

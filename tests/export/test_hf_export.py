@@ -243,3 +243,36 @@ def test_release_options_match_ours(tmp_path, mode):
         out, ours = hf(ids, labels=ids), model(ids, ids)
     assert out.balance_loss.item() == pytest.approx(ours.balance_loss.item(), abs=1e-5)
     assert out.z_loss.item() == pytest.approx(ours.z_loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["routed", "vanilla"])
+def test_fine_tuned_head_goes_to_a_transformers_classifier(kind, tmp_path, capsys):
+    """An exported directory with a task head (what mom-finetune writes in OUT_DIR/model): to-hf
+    writes MoMForSequenceClassification (stock GPT2ForSequenceClassification for the vanilla
+    case) whose logits equal our TaskModel's on a right-padded batch, with the label names."""
+    from transformers import AutoModelForSequenceClassification
+
+    from mom_dist.cli.convert import main as convert_main
+    from mom_dist.checkpoint.exported import save_exported
+    from mom_dist.convert.task_head import TaskHead, save_task_head
+    from mom_dist.evaluate.finetune import TaskModel, load_task_model
+
+    torch.manual_seed(0)
+    cfg = routed_config(64, dropout=0.0) if kind == "routed" else gpt2_config(16, 2, 3, vocab_size=64, max_seq_len=48)
+    ours = TaskModel(MoMModel(cfg), "classification", 3).eval()
+    src = save_exported(str(tmp_path / "model"), cfg, ours.mom.state_dict())
+    save_task_head(src, TaskHead(ours.score.weight, "classification", ["neg", "neutral", "pos"]))
+    assert torch.equal(load_task_model(src).score.weight, ours.score.weight)
+    assert convert_main(["to-hf", src, "-o", str(tmp_path / "hf"), "--no-tokenizer"]) == 0, capsys.readouterr().err
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    want_class = "MoMForSequenceClassification" if kind == "routed" else "GPT2ForSequenceClassification"
+    assert type(hf).__name__ == want_class
+    assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    lengths = torch.tensor([9, 4, 12])
+    ids = torch.randint(2, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    ids[torch.arange(12)[None] >= lengths[:, None]] = 0  # right padding with the pad id
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        want = ours(ids, torch.zeros(3, dtype=torch.long), last_B=lengths - 1).scores
+        got = hf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     bare = save_exported(str(d / "bare"), model.cfg, model.state_dict())
     hf = export_hf(model, str(d / "hf"), tokenizer=tok)
     return dict(tok=tok, model=model, export=export, bare=bare, hf=hf, data=str(d / "mine_valid_text_document"),
-                other=str(d / "theirs_valid_text_document"), root=d)
+                other=str(d / "theirs_valid_text_document"), other_tok=other, root=d)
 
 
 def run_cli(args, capsys):
@@ -77,7 +77,10 @@ def test_export_and_hf_directories_give_the_same_perplexity_with_progress(world,
 
 
 def test_run_directory_tokenizer_found_from_its_data(world, tmp_path):
-    from mom_dist.checkpoint.exported import run_tokenizer
+    from mom_dist.convert.model_tokenizer import run_tokenizer_search
+
+    def run_tokenizer(state):
+        return run_tokenizer_search(state).path
 
     prefix = world["data"].replace("_valid_", "_train_")
     assert os.path.samefile(run_tokenizer({"config": {"data": {"train_prefixes": [prefix]}}}), world["tok"])
@@ -139,7 +142,8 @@ def test_cli_exit_code_through_a_real_process(world, tmp_path):
     assert "another tokenizer" in out.stderr
 
 
-@pytest.mark.parametrize("case", ["other_tokenizer", "model_without_tokenizer", "missing_data", "missing_source",
+@pytest.mark.parametrize("case", ["other_tokenizer", "other_tokenizer_given", "other_tokenizer_given_hf",
+                                  "model_without_tokenizer", "missing_data", "missing_source",
                                   "not_a_model", "seq_len_too_long", "bad_stride", "too_few_tokens",
                                   "ids_beyond_vocab", "missing_tokenizer_file", "corrupt_tokenizer"])
 def test_error_paths(world, case, capsys, tmp_path):
@@ -151,7 +155,14 @@ def test_error_paths(world, case, capsys, tmp_path):
     (tmp_path / "bad.model").write_bytes(b"garbage")
     base = ["--seq-len", "16", "--no-progress"]
     args, want = {
-        "other_tokenizer": ([world["export"], "--data", world["other"]], "another tokenizer"),
+        "other_tokenizer": ([world["export"], "--data", world["other"]],
+                            "another tokenizer than the model's (" + world["export"]),
+        # --tokenizer cannot replace the model's own (the perplexity would be meaningless)
+        "other_tokenizer_given": ([world["export"], "--data", world["other"], "--tokenizer", world["other_tok"]],
+                                  f"--tokenizer {world['other_tok']} is not the tokenizer '{world['export']}' was "
+                                  "trained with"),
+        "other_tokenizer_given_hf": ([world["hf"], "--data", world["data"], "--tokenizer", world["other_tok"]],
+                                     "their vocabularies differ"),
         "model_without_tokenizer": ([world["bare"], "--data", world["data"]], "pass --tokenizer"),
         "missing_data": ([world["export"], "--data", str(tmp_path / "nope")], "no " + str(tmp_path / "nope") + ".bin"),
         "missing_source": ([str(tmp_path / "nothing"), "--data", world["data"]], "does not exist"),
@@ -168,7 +179,20 @@ def test_error_paths(world, case, capsys, tmp_path):
     code, out, err = run_cli(base + args, capsys)
     assert code == 2 and out == ""
     assert err.startswith("mom-eval: error: ") and err.count("\n") == 1 and want in err, err
+    if case.startswith("other_tokenizer"):  # the fix offered is to the data, never to the model
+        assert "re-tokenize the data with the model's tokenizer" in err, err
     assert snapshot(world["root"], str(tmp_path)) == before  # nothing written, nothing lost
+
+
+def test_the_models_own_tokenizer_under_another_name_is_accepted(world, tmp_path, capsys):
+    import shutil
+
+    copy = shutil.copy(world["tok"], tmp_path / "renamed.model")  # same vocabulary, another file
+    args = ["--data", world["data"], "--seq-len", "16", "--max-batches", "2", "--no-progress"]
+    code, plain, err = run_cli([world["export"], *args], capsys)
+    assert code == 0, err
+    code, renamed, err = run_cli([world["export"], *args, "--tokenizer", str(copy)], capsys)
+    assert code == 0 and json.loads(renamed) == json.loads(plain), err
 
 
 def test_to_hf_tokenizer_errors(world, tmp_path, capsys):
@@ -195,3 +219,5 @@ def test_to_hf_tokenizer_errors(world, tmp_path, capsys):
     assert out.returncode == 0 and (tmp_path / "x" / "tokenizer.model").exists(), out.stderr
     out = convert(world["bare"], "-o", str(tmp_path / "y"), "--no-tokenizer")
     assert out.returncode == 0 and not (tmp_path / "y" / "tokenizer.model").exists()
+    out = convert(world["export"], "-o", str(tmp_path / "z"), "--tokenizer", world["other_tok"])
+    assert out.returncode == 2 and "their vocabularies differ" in out.stderr and not (tmp_path / "z").exists()

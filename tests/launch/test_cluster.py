@@ -7,7 +7,12 @@ SLURM 22.05 with two slurmd on this host (nodes ``<hostname>`` and ``momnode2``)
     (PreemptMode=REQUEUE) -> resumed losses equal to an uninterrupted run; MAX_RESTARTS=0 ->
     job ends 75 naming the checkpoint; a SIGKILLed rank fails the job within 60 s, the rank
     named; a SIGSTOPped rank ends the job within collective_timeout_s + 30 s.
-    launchers/slurm_torchrun.sbatch: trains, and a SIGUSR1 mid-run requeues and resumes.
+    launchers/slurm_torchrun.sbatch: trains, and a SIGUSR1 mid-run requeues and resumes; a
+    SIGUSR1 (to the batch shell) or SIGTERM (to the tasks) in the first second, before any rank
+    exists -> requeue -> finished; the run's exit codes 2/3/4 end the job (torchrun's own is 1).
+    A requeue is never logged as failed when SLURM did requeue the job: not when scontrol returns
+    late (slurmctld's SIGTERM for the requeue reaches it first), not after a preemption (SLURM
+    requeues the job itself; our scontrol then says "Job is pending execution").
 sshd + pdsh, ``launchers/deepspeed_multinode.sh`` over two host names of this machine: trains
     without rebuilding DeepSpeed's JIT op; a SIGKILLed rank ends the job non-zero, named.
 Open MPI (apt) through ``launchers/mpirun.sh``: trains (mpi4py fallback line, MASTER_ADDR); a
@@ -43,9 +48,11 @@ def losses(out) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
 
 
-def find_rank_pid(rank: int, marker: str, timeout: float = 120) -> int:
+def find_rank_pid(rank: int, marker: str, timeout: float = 120,
+                  keys=("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")) -> int:
     """PID of the training process of global rank ``rank`` whose command line contains ``marker``
-    (the run's out_dir), from /proc (RANK, SLURM_PROCID, PMI_RANK or OMPI_COMM_WORLD_RANK)."""
+    (the run's out_dir), from /proc (the first of ``keys`` its environment has; under torchrun
+    pass ("RANK",): its agents carry SLURM_PROCID too)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -57,7 +64,7 @@ def find_rank_pid(rank: int, marker: str, timeout: float = 120) -> int:
                     errors="replace").split("\0") if "=" in x)
             except OSError:
                 continue
-            ids = [env.get(k) for k in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK") if k in env]
+            ids = [env.get(k) for k in keys if k in env]
             if ids and ids[0] == str(rank) and "TORCHELASTIC_AGENT" not in cmd:
                 return int(pid)
         time.sleep(0.3)
@@ -162,6 +169,9 @@ def test_slurm_preempted_mid_run_resumes_bitwise(slurm, tmp_path, reference, how
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, f"{info}\n{text[-5000:]}"
     sig = "SIGUSR1" if how == "scancel_batch_usr1" else "SIGTERM"
     assert f"mom-train: preempted ({sig}) at step" in text and "resumed from step" in text, text[-5000:]
+    # a preemption requeues the job itself (our own scontrol requeue then says "Job is pending
+    # execution"): that is no failure
+    assert "'scontrol requeue' failed" not in text, text[-5000:]
     assert text.count("mom-train: done: 40 steps") == 1, text[-5000:]
     got = losses(out)
     assert sorted(got) == list(range(1, STEPS + 1)) and got == pytest.approx(reference, rel=1e-6), \
@@ -220,6 +230,83 @@ def test_slurm_torchrun_variant_trains_and_requeues(slurm, tmp_path, reference):
     assert "2 nodes x 1 ranks (torchrun" in text and "mom-train: preempted (SIGUSR1) at step" in text, text[-5000:]
     assert text.count("mom-train: done: 40 steps") == 1, text[-5000:]
     assert losses(out) == pytest.approx(reference, rel=1e-6)
+
+
+def _signal_in_first_seconds(slurm, job: str, how: str) -> None:
+    """SIGUSR1 to the batch shell 0.5 s after the job starts (it passes it on to srun), or SIGTERM
+    to the tasks as soon as the job step exists (what a preemption sends): both while torchrun
+    still imports and meets its peers, before any rank exists."""
+    slurm.wait_state(job, {"RUNNING"}, 60)
+    if how == "USR1":
+        time.sleep(0.5)
+        slurm.run(["scancel", "--batch", "--signal=USR1", job])
+        return
+    deadline = time.time() + 60
+    while f"{job}.0" not in slurm.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], check=False).stdout:
+        assert time.time() < deadline, "the job step never started"
+        time.sleep(0.1)
+    slurm.run(["scancel", "--signal=TERM", job])
+
+
+@pytest.mark.parametrize("how", ["USR1", "TERM"])
+def test_slurm_torchrun_signal_at_start_requeues_and_finishes(slurm, tmp_path, how):
+    job, log, out = submit(slurm, tmp_path, "train.save_interval=20", script="slurm_torchrun.sbatch")
+    _signal_in_first_seconds(slurm, job, how)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT)
+    text = open(log).read()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-5000:]}"
+    assert re.search(rf"mom-train: preempted \(SIG{how}\) during [a-z -]+: no checkpoint yet", text) \
+        or f"SIG{how} before the tasks started" in text, text[-5000:]
+    assert "requeueing job" in text and text.count("mom-train: done: 40 steps") == 1, text[-5000:]
+
+
+@pytest.mark.parametrize("code", [2, 3, 4])
+def test_slurm_torchrun_job_ends_with_the_runs_exit_code(slurm, tmp_path, code):
+    """torchrun exits 1 whatever its ranks did: the job still ends 2 (bad config), 3 (diverged) or
+    4 (a SIGSTOPped rank: the others time out), from rank 0's exit record."""
+    extra = {2: ["model.n_heads=3"], 3: ["train.lr=1e6", "train.max_nonfinite_steps=2", "train.save_interval=0"],
+             4: ["train.steps=100000", "train.save_interval=0", "parallel.collective_timeout_s=15"]}[code]
+    job, log, out = submit(slurm, tmp_path, *extra, script="slurm_torchrun.sbatch")
+    if code == 4:
+        slurm.wait_state(job, {"RUNNING"}, 60)
+        wait_for(log, "step      3/")
+        os.kill(find_rank_pid(1, out, keys=("RANK",)), signal.SIGSTOP)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT, release=False)
+    text = open(log).read()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{code}:0", f"{info}\n{text[-4000:]}"
+    assert {2: "mom-train: config error: model.n_heads=3", 3: "mom-train: diverged:",
+            4: "failed: a collective timed out"}[code] in text, text[-4000:]
+    assert f"(exit {code}" in text and "mom-train: done" not in text, text[-4000:]
+
+
+# `requeue`: do what scontrol does, then return late: slurmctld accepts the requeue and signals
+# this batch step before a busy node lets scontrol exit (what made the launcher report
+# "'scontrol requeue' failed" for a requeue that had worked); everything else: the real scontrol.
+SLOW_SCONTROL = """#!/bin/bash
+{real} "$@"
+rc=$?
+if [[ "$1" == requeue ]]; then sleep 3; fi
+exit $rc
+"""
+
+
+def test_slurm_requeue_with_a_late_scontrol_is_not_reported_failed(slurm, tmp_path):
+    import shutil
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(SLOW_SCONTROL.format(real=shutil.which("scontrol")))
+    (fake / "scontrol").chmod(0o755)
+    job, log, out = submit(slurm, tmp_path, "train.save_interval=20", PATH=f"{fake}:{os.environ['PATH']}")
+    slurm.wait_state(job, {"RUNNING"}, 60)
+    time.sleep(2)
+    slurm.run(["scancel", "--batch", "--signal=USR1", job])
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT)
+    text = open(log).read()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-4000:]}"
+    assert "requeueing job" in text and "'scontrol requeue' failed" not in text, text[-4000:]
+    assert "SIGTERM: waiting for the tasks to save" not in text, text[-4000:]  # the requeue's own TERM is quiet
+    assert text.count("mom-train: done: 40 steps") == 1, text[-4000:]
 
 
 # ---------------------------------------------------------------------------- ssh + pdsh

@@ -115,6 +115,8 @@ def test_deepspeed_multinode_script_no_ssh(tmp_path, shm_op_built):
         assert p.returncode == 0, f"node {k} exited {p.returncode}:\n{log[-5000:]}"
     assert "2 hosts, 2 slots, MASTER_ADDR=127.0.0.1" in logs[0]
     assert "--no_ssh --node_rank 1" in logs[1]
+    for k, log in enumerate(logs):  # each node's one rank is local rank 0 of 1, started by deepspeed
+        assert f"[mom_dist] rank {k}/2 on host" in log and "local rank 0/1, deepspeed launch" in log, log[-3000:]
     check_run(out, "".join(logs), "deepspeed_multinode")
 
 
@@ -233,6 +235,19 @@ def test_discover_launch_env_single_node_defaults():
                                  "SLURM_NTASKS_PER_NODE": "2", "MASTER_ADDR": "node1", "MASTER_PORT": "12345"})
     assert (slurm.launcher, slurm.rank, slurm.local_rank, slurm.local_size, slurm.master_addr,
             slurm.master_port) == ("slurm", 3, 1, 2, "node1", 12345)
+
+
+def test_discover_launch_env_names_the_real_launcher():
+    """DeepSpeed's launcher sets LOCAL_SIZE/CROSS_RANK (not LOCAL_WORLD_SIZE): a rank of a 2-node x
+    1-slot job is local rank 0 of 1, under deepspeed; torchrun's ranks say torchrun."""
+    ds = discover_launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+                              "CROSS_RANK": "1", "CROSS_SIZE": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"})
+    assert (ds.launcher, ds.rank, ds.local_rank, ds.local_size) == ("deepspeed", 1, 0, 1)
+    tr = discover_launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                              "GROUP_RANK": "1", "TORCHELASTIC_RUN_ID": "j", "MASTER_ADDR": "node0"})
+    assert (tr.launcher, tr.local_rank, tr.local_size) == ("torchrun", 1, 2)
+    plain = discover_launch_env({"RANK": "0", "WORLD_SIZE": "2"})  # set by hand (or by a test harness)
+    assert (plain.launcher, plain.local_rank, plain.local_size) == ("env", 0, 2)
 
 
 def test_slurm_multinode_without_ntasks_per_node_needs_master_addr():

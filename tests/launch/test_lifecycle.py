@@ -6,6 +6,8 @@ exit codes that tell the truth, one line naming a failing rank, and a rank that 
     SIGSTOP of rank 1 mid-run -> rank 0 exits 4 within collective_timeout_s + 30 s naming rank 1
     SIGHUP mid-run -> one line naming rank and host, then death by SIGHUP
     bad config / launch environment -> 2; an unexpected error -> 1 with the rank's line
+    torchrun_task.py (slurm_torchrun.sbatch's task) signalled before torchrun has any rank
+        -> the ranks it starts later get the signal and leave with 75
     the mpich-built mpi4py under Open MPI's variables -> no crash, one line saying why, exit 2
 
 Ranks are started the way torchrun would (RANK/WORLD_SIZE/MASTER_*), as separate processes, so
@@ -92,6 +94,34 @@ def test_signal_at_start_every_rank_leaves_with_75(tmp_path):
     assert "mom-train: preempted" not in text[1]  # the closing line comes from rank 0 only
     assert not any("mom-train: done" in t for t in text)
     assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
+
+
+def test_torchrun_task_hands_an_early_signal_to_ranks_started_later(tmp_path):
+    """launchers/slurm_torchrun.sbatch's task, without SLURM: torchrun_task.py around torchrun,
+    started with USR1/TERM blocked, gets SIGUSR1 before torchrun has started any rank. Both ranks
+    still receive it once they exist (held until mom-train is armed), leave with 75 at the first
+    safe point, rank 0's exit record says 75 (torchrun itself exits 1), nothing is trained."""
+    from tests.launch.launch_utils import BIN
+
+    out, record = tmp_path / "out", tmp_path / "exit"
+    task = os.path.join(ROOT, "mom_dist", "parallel", "torchrun_task.py")
+    cmd = ["env", "--block-signal=USR1", "--block-signal=TERM", sys.executable, task, os.path.join(BIN, "torchrun"),
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--max_restarts=0", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "mom_dist.cli.train",
+           *train_args(out, "train.steps=50")]
+    log = open(tmp_path / "task.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=clean_env(MOM_DIST_EXIT_FILE=str(record)))
+    _wait_until_term_is_blocked_or_caught(proc)
+    proc.send_signal(signal.SIGUSR1)
+    code = wait_all([proc])[0]
+    text = read(log)
+    assert code == 1 and record.read_text().split() == ["75"], f"{code}\n{text[-4000:]}"
+    received = text.index("torchrun_task: SIGUSR1 received")
+    assert received < text.index("[mom_dist] rank 0/2") and received < text.index("[mom_dist] rank 1/2"), text[-4000:]
+    assert text.count("SIGUSR1 received: saving and leaving at the next safe point") == 2, text[-4000:]
+    assert "mom-train: preempted (SIGUSR1) during process-group start: no checkpoint yet" in text, text[-4000:]
+    assert "mom-train: done" not in text and not (out / "checkpoints").exists()
 
 
 def test_rank_that_stops_answering_ends_the_job_with_4(tmp_path):

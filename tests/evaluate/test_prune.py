@@ -269,21 +269,10 @@ def test_pruned_model_fine_tunes(tmp_path):
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory):
     """A model with a tokenizer, data made with it, and data made with another tokenizer."""
-    from pydoc_data.topics import topics
-
-    from mom_dist.data.preprocess import preprocess
-    from mom_dist.data.tokenizer import train_tokenizer
-    from tests.export.test_hf_export import tiny_tokenizer
+    from tests.export.test_hf_export import two_tokenizer_data
 
     d = tmp_path_factory.mktemp("tok")
-    tok = tiny_tokenizer(str(d))
-    other = train_tokenizer([topics[k] for k in sorted(topics)[-40:]], str(d / "other"), vocab_size=380)
-    corpus = d / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        for k in sorted(topics)[45:60]:
-            f.write(json.dumps({"text": topics[k][:400]}) + "\n")
-    preprocess([str(corpus)], str(d / "mine"), tokenizer_model=tok, workers=1, valid_ratio=0.3)
-    preprocess([str(corpus)], str(d / "theirs"), tokenizer_model=other, workers=1, valid_ratio=0.3)
+    tok, other = two_tokenizer_data(d, slice(45, 60), 400, 0.3)
     cfg = tiny_cfg(vocab_size=400, max_seq_len=32)
     src = save_exported(str(d / "src"), cfg, MoMModel(cfg).state_dict(), tokenizer=tok)
     bare = save_exported(str(d / "bare"), cfg, MoMModel(cfg).state_dict())

@@ -36,6 +36,27 @@ def tiny_tokenizer(directory) -> str:
     return train_tokenizer([topics[k] for k in sorted(topics)[:40]], os.path.join(directory, "tok"), vocab_size=400)
 
 
+def two_tokenizer_data(d, topic_range: slice, chars: int, valid_ratio: float) -> tuple[str, str]:
+    """``tiny_tokenizer`` and another one, and the same pydoc topics preprocessed with each into
+    ``d/mine_*`` and ``d/theirs_*``: (the first tokenizer, the other)."""
+    import json
+
+    from pydoc_data.topics import topics
+
+    from mom_dist.data.preprocess import preprocess
+    from mom_dist.data.tokenizer import train_tokenizer
+
+    tok = tiny_tokenizer(str(d))
+    other = train_tokenizer([topics[k] for k in sorted(topics)[-40:]], str(d / "other"), vocab_size=380)
+    corpus = d / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for k in sorted(topics)[topic_range]:
+            f.write(json.dumps({"text": topics[k][:chars]}) + "\n")
+    preprocess([str(corpus)], str(d / "mine"), tokenizer_model=tok, workers=1, valid_ratio=valid_ratio)
+    preprocess([str(corpus)], str(d / "theirs"), tokenizer_model=other, workers=1, valid_ratio=valid_ratio)
+    return tok, other
+
+
 def routed_config(vocab_size: int, **overrides) -> ModelConfig:
     """Exercises every path of the forward: two chunks with anchors, top-2 GRU attention routing
     with SKIP and masked SKIP keys, weighted QKV, an MLP FFN router, bottom and top blocks."""

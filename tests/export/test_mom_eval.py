@@ -18,27 +18,15 @@ from mom_dist.data.loader import write_token_documents
 from mom_dist.evaluate.perplexity import perplexity, read_tokens, rolling_windows
 from mom_dist.model import MoMModel
 from tests.dist_utils import ROOT
-from tests.export.test_hf_export import routed_config, tiny_tokenizer
+from tests.export.test_hf_export import routed_config, two_tokenizer_data
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tokenizer, data made with it (mom-preprocess), data made with another tokenizer, and one
     model as an export directory (tokenizer recorded), a to-hf directory and a bare export."""
-    from pydoc_data.topics import topics
-
-    from mom_dist.data.preprocess import preprocess
-    from mom_dist.data.tokenizer import train_tokenizer
-
     d = tmp_path_factory.mktemp("eval")
-    tok = tiny_tokenizer(str(d))
-    other = train_tokenizer([topics[k] for k in sorted(topics)[-40:]], str(d / "other"), vocab_size=380)
-    corpus = d / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        for k in sorted(topics)[45:75]:
-            f.write(json.dumps({"text": topics[k][:600]}) + "\n")
-    preprocess([str(corpus)], str(d / "mine"), tokenizer_model=tok, workers=1, valid_ratio=0.2)
-    preprocess([str(corpus)], str(d / "theirs"), tokenizer_model=other, workers=1, valid_ratio=0.2)
+    tok, other = two_tokenizer_data(d, slice(45, 75), 600, 0.2)
     torch.manual_seed(0)
     model = MoMModel(routed_config(400)).eval()
     export = save_exported(str(d / "export"), model.cfg, model.state_dict(), tokenizer=tok)

@@ -150,17 +150,22 @@ def _load(load_source, source: str):
 
 
 def _run_valid_prefix(source: str) -> str:
-    """The validation data a training run recorded in its config.json (else its training data)."""
-    try:
-        with open(os.path.join(source, "config.json")) as f:
-            data = json.load(f).get("data") or {}
-    except (OSError, ValueError, AttributeError):
-        data = {}
+    """The validation data a training run recorded with its checkpoint (else its training data),
+    a relative path resolved against the directory the run was started in (its ``workdir``)."""
+    from mom_dist.checkpoint.exported import is_exported
+    from mom_dist.checkpoint.layout import find_tag_dir, read_state
+    from mom_dist.convert.hf import is_hf_dir
+    from mom_dist.convert.model_tokenizer import run_path
+
+    config = {}
+    if not (is_exported(source) or is_hf_dir(source)):
+        config = read_state(find_tag_dir(source)).get("config") or {}  # a damaged record: one line, as everywhere
+    data = config.get("data") if isinstance(config, dict) else None
     for key in ("valid_prefixes", "train_prefixes"):
         value = data.get(key) if isinstance(data, dict) else None
         prefixes = [value] if isinstance(value, str) else list(value or [])
         if prefixes:
-            return prefixes[0]
+            return run_path(str(prefixes[0]), config.get("workdir"))
     raise ValueError(f"'{source}' records no data to measure routing on (only a run directory does); pass --data "
                      "PREFIX (an indexed dataset made with the model's tokenizer)")
 

@@ -47,6 +47,11 @@ def _bases(path: str, workdir: str | None) -> list[str]:
     return [os.path.normpath(os.path.join(workdir, path))] if workdir else [os.path.abspath(path)]
 
 
+def run_path(path: str, workdir: str | None) -> str:
+    """A path from a run's config (data prefix, tokenizer) as the run meant it."""
+    return _bases(path, workdir)[0]
+
+
 def run_tokenizer_search(state: dict) -> TokenizerSearch:
     """The tokenizer a training run's data was made with, from its checkpoint's ``mom_state``:
     ``data.tokenizer_model``, else the ``tokenizer_model`` mom-preprocess recorded next to the

@@ -1,7 +1,7 @@
 """A run started with relative data and tokenizer paths, read by the tools from another directory.
 
 The run records the directory it was started in, so `mom-convert export`, `mom-convert to-hf`,
-`mom-eval` and `mom-finetune` find its tokenizer from anywhere. A run saved before that was
+`mom-eval` and `mom-finetune` find its tokenizer from anywhere, and `mom-prune` its validation data. A run saved before that was
 recorded (simulated by deleting it) resolves against the current directory; when that fails,
 export and to-hf stop naming the paths they tried (export never silently drops the tokenizer),
 and `--no-tokenizer` exports the weights alone."""
@@ -83,6 +83,16 @@ def test_tools_find_the_tokenizer_of_a_run_started_elsewhere(started_elsewhere, 
     prepared = ft.prepare(w["run"], TaskConfig.build("sst2", train_file=rows, eval_file=rows), str(tmp_path / "ft"),
                           ["train.seq_len=16"])
     assert os.path.samefile(prepared.tokenizer_path, w["tok"])
+
+
+def test_mom_prune_measures_on_the_runs_own_validation_data_from_elsewhere(started_elsewhere):
+    w = started_elsewhere
+    p = tool(w["b"], "mom-prune", w["run"], "-o", "pruned", "--attn-keep", "0.5", "--ffn-keep", "0.5",
+             "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = json.loads((w["b"] / "pruned" / "prune_table.json").read_text())
+    assert table["data"] == str(w["a"] / "data" / "mine_valid_text_document") and table["tokens"] > 0
+    assert filecmp.cmp(w["b"] / "pruned" / "tokenizer.model", w["tok"], shallow=False)
 
 
 def test_a_run_without_its_recorded_directory_says_what_was_looked_for(started_elsewhere, tmp_path):

@@ -133,7 +133,7 @@ def _prune(args) -> int:
           f"{before.perplexity:.2f} -> {after.perplexity:.2f}) on the same tokens")
     sets = " ".join(f"--set {s}" for s in report["recovery_overrides"])
     print(f"mom-prune: wrote {out} ({TABLE_FILE} beside the weights)" + (f" and {args.to_hf}" if args.to_hf else ""))
-    print(f"mom-prune: recovery training: mom-train --config CFG --set train.init_from={out} {sets}".rstrip())
+    print(f"mom-prune: recovery training: mom-train --config CFG --set train.init_from={os.path.abspath(out)} {sets}".rstrip())
     return FINISHED
 
 

@@ -1,6 +1,6 @@
 """Real daemons on one machine for the `cluster` tests: SLURM with two slurmd (two node names
-for this host), sshd for DeepSpeed's pdsh path, and Open MPI - installed with apt when missing,
-started and stopped by PID, never left running.
+for this host; the scale rehearsal asks for four), sshd for DeepSpeed's pdsh path, and Open MPI -
+installed with apt when missing, started and stopped by PID, never left running.
 
 ``Slurm()`` / ``Sshd()`` return a handle or raise ``Unavailable(reason)``; the fixtures turn
 that into a skip that states the reason (no root, no apt, a daemon that would not start).
@@ -97,14 +97,15 @@ class HostAlias:
             pass
         if os.geteuid() != 0:
             raise Unavailable(f"host name {name} does not resolve and /etc/hosts is not writable")
+        self.line = f"127.0.0.1 {name}  # mom_dist cluster tests\n"
         with open("/etc/hosts", "a") as f:
-            f.write(f"127.0.0.1 {name}  # mom_dist cluster tests\n")
+            f.write(self.line)
         self.added = True
 
     def remove(self) -> None:
-        if self.added:
+        if self.added:  # only our own line: another harness's alias may be in use meanwhile
             with open("/etc/hosts") as f:
-                lines = [x for x in f if not x.rstrip().endswith("# mom_dist cluster tests")]
+                lines = [x for x in f if x != self.line]
             with open("/etc/hosts", "w") as f:
                 f.writelines(lines)
 
@@ -137,27 +138,35 @@ MinJobAge=600
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SchedulerParameters=defer_batch=0
-NodeName={host} NodeHostname={host} NodeAddr=127.0.0.1 Port={port1} CPUs=4 RealMemory=8000
-NodeName={node2} NodeHostname={host} NodeAddr=127.0.0.1 Port={port2} CPUs=4 RealMemory=8000
-PartitionName=low Nodes={host},{node2} Default=YES OverSubscribe=YES PriorityTier=1 MaxTime=INFINITE State=UP
-PartitionName=high Nodes={host},{node2} PriorityTier=2 MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=low Nodes={node_list} Default=YES OverSubscribe=YES PriorityTier=1 MaxTime=INFINITE State=UP
+PartitionName=high Nodes={node_list} PriorityTier=2 MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory=8000"
 
 
 class Slurm:
-    """slurmctld + two slurmd (nodes ``host`` and ``node2``) + munged, all ours."""
+    """slurmctld + ``nodes`` slurmd + munged, all ours. The nodes are this host and
+    ``<alias>2``, ``<alias>3``, ... (names added to /etc/hosts); ``cpus`` per node (the
+    partition oversubscribes, so more tasks than real cores may share them). The cluster tests
+    use the default 2 nodes; the scale rehearsal (benchmarks/scale_rehearsal.py) 4 x 8 under
+    its own alias, so a rehearsal and the tests can run side by side."""
 
-    def __init__(self):
+    def __init__(self, nodes: int = 2, cpus: int = 4, alias: str = "momnode"):
         apt_install({"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
                      "munged": "munge", "/usr/sbin/munged": "munge"})
         self.host = socket.gethostname().split(".")[0]
-        self.node2 = "momnode2"
+        self.node2 = f"{alias}2"
+        self.nodes = [self.host] + [f"{alias}{i}" for i in range(2, nodes + 1)]
+        self.cpus = cpus
         self.dir = tempfile.mkdtemp(prefix="mom-slurm-")
         self.conf = os.path.join(self.dir, "slurm.conf")
         self.pids: list[int] = []
         self.munge_pid = None
-        self.alias = HostAlias(self.node2)
+        self.aliases: list[HostAlias] = []
         try:
+            for n in self.nodes[1:]:
+                self.aliases.append(HostAlias(n))
             self._start()
         except BaseException:
             self.stop()
@@ -188,24 +197,26 @@ class Slurm:
     def _start(self) -> None:
         self._start_munge()
         os.makedirs(os.path.join(self.dir, "state"))
-        for n in (self.host, self.node2):
+        for n in self.nodes:
             os.makedirs(os.path.join(self.dir, "spool", n))
-        ports = [_free_port() for _ in range(3)]
+        ports = [_free_port() for _ in range(len(self.nodes) + 1)]
+        node_lines = "\n".join(NODE_LINE.format(name=n, host=self.host, port=port, cpus=self.cpus)
+                               for n, port in zip(self.nodes, ports[1:]))
         with open(self.conf, "w") as f:
-            f.write(SLURM_CONF.format(host=self.host, node2=self.node2, d=self.dir, ctld_port=ports[0],
-                                      port1=ports[1], port2=ports[2]))
+            f.write(SLURM_CONF.format(host=self.host, d=self.dir, ctld_port=ports[0], node_lines=node_lines,
+                                      node_list=",".join(self.nodes)))
         sh(["slurmctld", "-c", "-f", self.conf])
         self.pids.append(_wait_pidfile(os.path.join(self.dir, "slurmctld.pid")))
-        for n in (self.host, self.node2):
+        for n in self.nodes:
             sh(["slurmd", "-f", self.conf, "-N", n])
             self.pids.append(_wait_pidfile(os.path.join(self.dir, f"slurmd-{n}.pid")))
         env = dict(os.environ, **self.env)
+        probe = ["srun", f"-N{len(self.nodes)}", f"-n{len(self.nodes)}", "-t1", "true"]
         for _ in range(15):
-            if subprocess.run(["timeout", "30", "srun", "-N2", "-n2", "-t1", "true"], env=env,
-                              capture_output=True).returncode == 0:
+            if subprocess.run(["timeout", "30", *probe], env=env, capture_output=True).returncode == 0:
                 return
             time.sleep(2)
-        raise Unavailable("SLURM started but `srun -N2 -n2 true` never succeeded; see " + self.dir)
+        raise Unavailable(f"SLURM started but `{' '.join(probe)}` never succeeded; see " + self.dir)
 
     def run(self, cmd, timeout=60, check=True, **kw):
         return sh(cmd, timeout=timeout, check=check, env=dict(os.environ, **self.env), **kw)
@@ -249,7 +260,9 @@ class Slurm:
         if self.munge_pid:
             _stop_pid(self.munge_pid)
             self.munge_pid = None
-        self.alias.remove()
+        for alias in self.aliases:
+            alias.remove()
+        self.aliases = []
 
 
 def _free_port() -> int:

@@ -138,7 +138,7 @@ class Rehearsal:
         self.args, self.slurm, self.work = args, slurm, work
         self.worlds = sorted({x["world"] for x in args.layout_list})
         self.batch = math.lcm(*self.worlds)
-        self.mid = 2 if args.quick else 8  # the resume's middle world
+        self.mid = 8 if max(self.worlds) >= 16 else 2  # the resume's middle world
         self.report = Report(args, argv, self.batch, args.results)
         self.refs = {}
 
@@ -219,6 +219,9 @@ class Rehearsal:
                        else (False, f"legs: {leg2.state or 'not run'}, {leg3.state or 'not run'}"))
         text = leg3.text() + leg2.text()
         resharded = ("resharded from world" in text)
+        loads = [r["marks"]["checkpoint_load"] - r["marks"]["engine"] for r in leg2.stats()
+                 if {"checkpoint_load", "engine"} <= r["marks"].keys()]
+        why_w += f"; world {self.mid} loaded the world-{leg1.world} checkpoint in {max(loads):.1f} s" if loads else ""
         rep.row("resume", f"{leg1.world} (EP{leg1.ep} Z{leg1.zero}) -> {self.mid} (EP{ep_mid} Z{leg2.zero}) -> 1",
                 ok_l and ok_w and resharded,
                 f"losses {why_l}; final weights {why_w}; {'resharded on load' if resharded else 'NO reshard line'}")

@@ -34,6 +34,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +110,11 @@ def main(argv=None) -> int:
         return 1
     from tests.launch.cluster_harness import Slurm, Unavailable
 
+    def stop(signum, frame):  # `timeout`/`kill`: unwind, so the daemons and jobs are stopped below
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+
     biggest = max(x["world"] for x in args.layout_list)
     try:
         slurm = Slurm(nodes=NODES, cpus=max(2, biggest // NODES), alias="momrehearse")
@@ -118,8 +125,13 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     try:
         report = Rehearsal(args, argv, slurm, work).run()
-    finally:
+    except KeyboardInterrupt as e:
         slurm.stop()
+        print(f"{PROG}: interrupted ({e or 'Ctrl-C'}): SLURM stopped; what was measured is in "
+              f"{args.results or work}", file=sys.stderr)
+        return 130
+    finally:
+        slurm.stop()  # idempotent: the daemons are stopped once
     report.print()
     if args.results:
         print(f"{PROG}: results written to {args.results}")
@@ -155,12 +167,15 @@ class Rehearsal:
         from _rehearsal_runs import run_deepspeed, run_local, run_slurm
 
         print(f"[rehearsal] {run.name}: {run.world} ranks ({run.launcher}) ...", flush=True)
-        if run.launcher == "local":
-            run_local(run)
-        elif run.launcher == "slurm":
-            run_slurm(self.slurm, run)
-        else:
-            run_deepspeed(run, self.slurm.nodes)
+        try:
+            if run.launcher == "local":
+                run_local(run)
+            elif run.launcher == "slurm":
+                run_slurm(self.slurm, run)
+            else:
+                run_deepspeed(run, self.slurm.nodes)
+        except (RuntimeError, AssertionError, OSError, subprocess.TimeoutExpired) as e:  # a failed row, not the end
+            run.state, run.rc = f"error: {str(e).splitlines()[0][:300]}", 1
         print(f"[rehearsal] {run.name}: {run.state} in {run.wall:.0f} s", flush=True)
         return run
 

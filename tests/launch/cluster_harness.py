@@ -252,17 +252,39 @@ class Slurm:
         env = dict(os.environ, **self.env)
         if self.pids:
             subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
+            deadline = time.time() + 30  # let the cancelled steps end while their slurmd still listens
+            while time.time() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                            text=True, timeout=30).stdout.strip():
+                time.sleep(0.5)
             time.sleep(1)
             subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=30)
             for pid in self.pids:
                 _stop_pid(pid)
             self.pids = []
+            for pid in self._our_stepds():  # a step daemon that outlived its slurmd (interrupted job)
+                _stop_pid(pid, timeout=5)
         if self.munge_pid:
             _stop_pid(self.munge_pid)
             self.munge_pid = None
         for alias in self.aliases:
             alias.remove()
         self.aliases = []
+
+
+    def _our_stepds(self) -> list[int]:
+        """PIDs of slurmstepd processes of this cluster (they work in, and log to, its directory)."""
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if open(f"/proc/{pid}/comm").read().strip() != "slurmstepd":
+                    continue
+                if os.readlink(f"/proc/{pid}/cwd") == self.dir or any(
+                        os.readlink(f"/proc/{pid}/fd/{fd}").startswith(self.dir + "/")
+                        for fd in os.listdir(f"/proc/{pid}/fd")):
+                    pids.append(int(pid))
+            except OSError:
+                continue
+        return pids
 
 
 def _free_port() -> int:

@@ -179,11 +179,12 @@ GROWTH = [("new_group", "new_group calls per rank (process-group creation)"),
           ("wall", "job wall time (s)")]
 
 
-def growth(by_world: dict[int, dict]) -> list[tuple[str, str, str, bool]]:
-    """(quantity, values by world, exponent, faster than linear?) between the smallest and the
-    largest world: value ~ world^exponent; above 1.25 is named. Counts are exact; times on 2
-    shared cores grow about linearly with the rank count by themselves (the ranks share the
-    cores), so only an exponent well above 1 says the work per rank grows with the world."""
+def growth(by_world: dict[int, dict]) -> list[tuple[str, str, str, str]]:
+    """(quantity, values by world, exponent, verdict) between the smallest and the largest world:
+    value ~ world^exponent; above 1.25 is named. Counts are exact; times on 2 shared cores grow
+    about linearly with the rank count by themselves (the ranks share the cores), so only an
+    exponent well above 1 says the work per rank grows with the world; times under 0.5 s are
+    not judged (scheduling noise on shared cores)."""
     worlds = sorted(by_world)
     rows = []
     if len(worlds) < 2:
@@ -195,5 +196,8 @@ def growth(by_world: dict[int, dict]) -> list[tuple[str, str, str, bool]]:
             continue
         k = math.log(b / a) / math.log(hi / lo)
         vals = ", ".join(f"w{w}: {by_world[w][key]:,.3g}" for w in worlds if by_world[w].get(key) is not None)
-        rows.append((label, vals, f"{k:.2f}", k > 1.25))
+        timed = label.endswith("(s)") or "(s," in label
+        verdict = ("not judged: under 0.5 s, scheduling noise" if timed and b < 0.5 else
+                   "**yes**" if k > 1.25 else "no")
+        rows.append((label, vals, f"{k:.2f}", verdict))
     return rows

@@ -109,7 +109,7 @@ class Report:
                   "are exact; on 2 shared cores every time grows about linearly by itself (the ranks share the "
                   "cores), so only k well above 1 means more work per rank as the world grows.", "",
                   "| quantity | values | k | faster than linear |", "|---|---|---:|---|"]
-            L += [f"| {label} | {vals} | {k} | {'**yes**' if fast else 'no'} |" for label, vals, k, fast in rows]
+            L += [f"| {label} | {vals} | {k} | {verdict} |" for label, vals, k, verdict in rows]
         else:
             L.append("One world size only: no growth to measure (run the full rehearsal).")
         return "\n".join(L) + "\n"

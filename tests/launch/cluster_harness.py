@@ -117,6 +117,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=socket={munge_socket}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -177,22 +178,25 @@ class Slurm:
         return {"SLURM_CONF": self.conf}
 
     def _start_munge(self) -> None:
-        for d in ("/run/munge", "/var/lib/munge", "/var/log/munge", "/etc/munge"):
+        """A munged of our own, on its own socket (slurm.conf's AuthInfo names it): a shared
+        /run/munge one would be stopped under us by whichever harness started it (the cluster
+        tests and the scale rehearsal run side by side)."""
+        for d in ("/etc/munge",):
             os.makedirs(d, exist_ok=True)
         key = "/etc/munge/munge.key"
         if not os.path.exists(key):
             with open(key, "wb") as f:
                 f.write(os.urandom(1024))
-        sh("chown -R munge:munge /run/munge /var/lib/munge /var/log/munge /etc/munge && chmod 755 /run/munge "
-           "&& chmod 400 /etc/munge/munge.key")
-        if sh("munge -n | unmunge", check=False).returncode == 0:
-            return  # a munged is already running (not ours: leave it alone)
-        pidfile = "/run/munge/munged.pid"
-        if os.path.exists(pidfile):
-            os.remove(pidfile)
-        sh(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"])
+        self.munge_dir = tempfile.mkdtemp(prefix="mom-munge-")  # munged refuses a socket dir it cannot own
+        sh(f"chown munge:munge /etc/munge /etc/munge/munge.key {self.munge_dir} && chmod 400 /etc/munge/munge.key "
+           f"&& chmod 755 {self.munge_dir}")
+        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
+        pidfile = os.path.join(self.munge_dir, "munged.pid")
+        sh(["su", "-s", "/bin/sh", "munge", "-c",
+            f"/usr/sbin/munged --socket={self.munge_socket} --pid-file={pidfile} "
+            f"--log-file={self.munge_dir}/munged.log --seed-file={self.munge_dir}/munged.seed"])
         self.munge_pid = _wait_pidfile(pidfile)
-        sh("munge -n | unmunge")
+        sh(f"munge -n --socket={self.munge_socket} | unmunge --socket={self.munge_socket}")
 
     def _start(self) -> None:
         self._start_munge()
@@ -204,7 +208,7 @@ class Slurm:
                                for n, port in zip(self.nodes, ports[1:]))
         with open(self.conf, "w") as f:
             f.write(SLURM_CONF.format(host=self.host, d=self.dir, ctld_port=ports[0], node_lines=node_lines,
-                                      node_list=",".join(self.nodes)))
+                                      node_list=",".join(self.nodes), munge_socket=self.munge_socket))
         sh(["slurmctld", "-c", "-f", self.conf])
         self.pids.append(_wait_pidfile(os.path.join(self.dir, "slurmctld.pid")))
         for n in self.nodes:
@@ -266,25 +270,39 @@ class Slurm:
         if self.munge_pid:
             _stop_pid(self.munge_pid)
             self.munge_pid = None
+        if getattr(self, "munge_dir", None):
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
         for alias in self.aliases:
             alias.remove()
         self.aliases = []
 
 
     def _our_stepds(self) -> list[int]:
-        """PIDs of slurmstepd processes of this cluster (they work in, and log to, its directory)."""
-        pids = []
+        """PIDs left by this cluster's jobs when its daemons could not end them (a lost munged):
+        slurmstepd processes working in or logging to its directory, batch scripts run from its
+        spool, and everything under those."""
+        roots, parent = set(), {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if open(f"/proc/{pid}/comm").read().strip() != "slurmstepd":
-                    continue
-                if os.readlink(f"/proc/{pid}/cwd") == self.dir or any(
-                        os.readlink(f"/proc/{pid}/fd/{fd}").startswith(self.dir + "/")
-                        for fd in os.listdir(f"/proc/{pid}/fd")):
-                    pids.append(int(pid))
-            except OSError:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                if self.dir + "/" in cmd:
+                    roots.add(int(pid))
+                elif open(f"/proc/{pid}/comm").read().strip() == "slurmstepd" and (
+                        os.readlink(f"/proc/{pid}/cwd") == self.dir or any(
+                            os.readlink(f"/proc/{pid}/fd/{fd}").startswith(self.dir + "/")
+                            for fd in os.listdir(f"/proc/{pid}/fd"))):
+                    roots.add(int(pid))
+            except (OSError, ValueError, IndexError):
                 continue
-        return pids
+        found, grew = set(roots), True
+        while grew:
+            below = {p for p, pp in parent.items() if pp in found} - found
+            found |= below
+            grew = bool(below)
+        return sorted(found - {os.getpid()})
 
 
 def _free_port() -> int:

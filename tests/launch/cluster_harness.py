@@ -10,7 +10,9 @@ directory (keys) is removed. Nothing here is used by the default test suite.
 Facts this relies on (measured on Debian 12, 2 cores, no systemd): SLURM 22.05 runs two nodes on
 one host when both NodeName lines share NodeHostname/NodeAddr and have their own Port, and the
 second name resolves (/etc/hosts); a requeued job waits ~120 s unless its StartTime is reset;
-`scancel --batch --signal=USR1` signals only the batch shell.
+`scancel --batch --signal=USR1` signals only the batch shell. Each ``Slurm`` runs its own munged on
+its own socket (slurm.conf ``AuthInfo=socket=...``): harnesses running side by side (the cluster
+tests and the scale rehearsal) never stop each other's.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ from mom_dist.model import ModelConfig, MoMModel, RouterConfig  # noqa: E402
 from mom_dist.model.dispatch import capacity_for  # noqa: E402
 from mom_dist.parallel import deepspeed_engine  # noqa: E402
 from mom_dist.parallel.dims import build_parallel_dims  # noqa: E402
-from mom_dist.parallel.expert_parallel import apply_expert_parallel, module_parameters  # noqa: E402
+from mom_dist.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
 from mom_dist.parallel.local_launch import worker_main  # noqa: E402
+from mom_dist.train.rank_stats import held_bytes  # noqa: E402  (shared with mom-train's rank stats)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -189,44 +190,6 @@ def a2a_bytes(args: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- memory
-def _storage_key(t: torch.Tensor):
-    return t.untyped_storage().data_ptr()
-
-
-def held_bytes(engine) -> dict:
-    """Bytes this rank holds, by category, from the storages DeepSpeed actually allocated.
-
-    params: storages behind the model's parameters (under ZeRO 1/2 these are DeepSpeed's flat,
-    padded buffers, viewed by the parameters). master: the inner optimizer's parameters that are
-    not model storage (ZeRO 1/2's fp32 partitions). states: every tensor in the inner optimizer's
-    state (exp_avg, exp_avg_sq, step). Each split into module (expert) / non-module.
-    """
-    module_ids = {id(p) for _, p in module_parameters(engine.module)}
-    out = Counter()
-    seen = set()
-    model_storages = set()
-    for p in engine.module.parameters():
-        key = _storage_key(p)
-        model_storages.add(key)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[f"params_{'module' if id(p) in module_ids else 'other'}"] += p.untyped_storage().nbytes()
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in inner.param_groups:
-        kind = "module" if group.get("moe", False) else "other"
-        for p in group["params"]:
-            key = _storage_key(p)
-            if key not in model_storages and key not in seen:
-                seen.add(key)
-                out[f"master_{kind}"] += p.untyped_storage().nbytes()
-            for v in inner.state.get(p, {}).values():
-                if isinstance(v, torch.Tensor) and _storage_key(v) not in seen:
-                    seen.add(_storage_key(v))
-                    out[f"states_{kind}"] += v.untyped_storage().nbytes()
-    return dict(out)
-
-
 def memory(args: dict) -> dict:
     m = args["model"]
     world = dist.get_world_size()

@@ -44,6 +44,7 @@ from mom_dist.train.checkpoint import Checkpointer
 from mom_dist.train.data import build_data
 from mom_dist.train.divergence import NonFiniteGuard
 from mom_dist.train.metrics import ETA, MetricsWriter, eval_progress, progress_line
+from mom_dist.train.rank_stats import RankStats
 from mom_dist.train.resume_policy import check_resume
 from mom_dist.train.telemetry import StepTelemetry, routing_record
 
@@ -111,17 +112,23 @@ def evaluate(engine, valid, dims, device) -> float | None:
 
 
 def train(cfg: Config, *, log=print) -> TrainResult:
+    stats = RankStats()  # MOM_DIST_RANK_STATS only: per-rank start-up times, collectives, memory
     with drop_stdout_lines():  # DeepSpeed's 'op built successfully' print, every CPU rank
         init_distributed(cfg.parallel.backend, timeout_s=max(600.0, cfg.parallel.collective_timeout_s))
+    stats.mark("process_group")
     dims = build_parallel_dims(cfg.parallel.ep_size)
+    stats.mark("groups")
     lock = RunLock.acquire(cfg.train.out_dir, dims.rank, log)  # before anything is written
     try:
-        return _train(cfg, dims, log)
+        result = _train(cfg, dims, log, stats)
+        stats.mark("end")
+        stats.write(dims, steps=result.ran)
+        return result
     finally:
         lock.release()
 
 
-def _train(cfg: Config, dims, log) -> TrainResult:
+def _train(cfg: Config, dims, log, stats: RankStats) -> TrainResult:
     t, p = cfg.train, cfg.parallel
     device = _device()
     # Set-up safe points: a preemption signal during set-up (imports, data, engine, load) makes
@@ -144,6 +151,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
     if compiled:  # in place: the engine keeps calling the same module, with the same parameter names
         compile_model(engine.module, t.compile_backend)
     lifecycle.safe_point(device, "engine set-up")
+    stats.mark("engine")
     torch.manual_seed(t.seed * 7919 + dims.rank + 1)  # dropout streams differ per rank
 
     ckpt = Checkpointer(t.out_dir, engine, dims, t.keep_last)
@@ -159,6 +167,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
         for key, old, new in recipe_changes:
             log(f"[mom_dist] resume: {key} changed from {old} to {new}; applied from step {start_step + 1} on")
     lifecycle.safe_point(device, "checkpoint load", f"{ckpt.dir} (step {start_step})" if state else None)
+    stats.mark("checkpoint_load")
     if dims.rank == 0:  # only now: a refused run leaves the previous config.json in place
         dump_config(cfg, os.path.join(t.out_dir, "config.json"))
     watch_collectives(p.collective_timeout_s)  # set-up done: from here a silent rank ends the job
@@ -196,6 +205,7 @@ def _train(cfg: Config, dims, log) -> TrainResult:
             engine.step()
         step += 1
         consumed += t.global_batch_size
+        stats.step(step, first=step == start_step + 1, engine=engine, dims=dims)
         losses.append(parts[0].item())
         nonfinite = guard.check(step, parts)
         if nonfinite and dims.rank == 0:
@@ -243,8 +253,10 @@ def _train(cfg: Config, dims, log) -> TrainResult:
                 if dims.rank == 0:
                     log(f"[mom_dist] step {step} was skipped: no checkpoint; latest stays {ckpt.latest_tag()}")
             else:
+                stats.mark(f"save_start_{step}")
                 last_tag = ckpt.save_checked(step, consumed, saved_config, loss=parts[0].item(),
                                              extra={"loss_window": list(guard.recent)})
+                stats.mark(f"save_end_{step}")
         if leaving and dims.rank == 0:
             log(f"[mom_dist] {'preemption signal' if preempted else 'train.stop_after reached'}: "
                 f"checkpoint {last_tag} at step {step}; leaving")

@@ -1,6 +1,6 @@
 """Real daemons on one machine for the `cluster` tests: SLURM with two slurmd (two node names
-for this host), sshd for DeepSpeed's pdsh path, and Open MPI - installed with apt when missing,
-started and stopped by PID, never left running.
+for this host; the scale rehearsal asks for four), sshd for DeepSpeed's pdsh path, and Open MPI -
+installed with apt when missing, started and stopped by PID, never left running.
 
 ``Slurm()`` / ``Sshd()`` return a handle or raise ``Unavailable(reason)``; the fixtures turn
 that into a skip that states the reason (no root, no apt, a daemon that would not start).
@@ -10,7 +10,9 @@ directory (keys) is removed. Nothing here is used by the default test suite.
 Facts this relies on (measured on Debian 12, 2 cores, no systemd): SLURM 22.05 runs two nodes on
 one host when both NodeName lines share NodeHostname/NodeAddr and have their own Port, and the
 second name resolves (/etc/hosts); a requeued job waits ~120 s unless its StartTime is reset;
-`scancel --batch --signal=USR1` signals only the batch shell.
+`scancel --batch --signal=USR1` signals only the batch shell. Each ``Slurm`` runs its own munged on
+its own socket (slurm.conf ``AuthInfo=socket=...``): harnesses running side by side (the cluster
+tests and the scale rehearsal) never stop each other's.
 """
 
 from __future__ import annotations
@@ -97,14 +99,15 @@ class HostAlias:
             pass
         if os.geteuid() != 0:
             raise Unavailable(f"host name {name} does not resolve and /etc/hosts is not writable")
+        self.line = f"127.0.0.1 {name}  # mom_dist cluster tests\n"
         with open("/etc/hosts", "a") as f:
-            f.write(f"127.0.0.1 {name}  # mom_dist cluster tests\n")
+            f.write(self.line)
         self.added = True
 
     def remove(self) -> None:
-        if self.added:
+        if self.added:  # only our own line: another harness's alias may be in use meanwhile
             with open("/etc/hosts") as f:
-                lines = [x for x in f if not x.rstrip().endswith("# mom_dist cluster tests")]
+                lines = [x for x in f if x != self.line]
             with open("/etc/hosts", "w") as f:
                 f.writelines(lines)
 
@@ -116,6 +119,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=socket={munge_socket}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -137,27 +141,35 @@ MinJobAge=600
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SchedulerParameters=defer_batch=0
-NodeName={host} NodeHostname={host} NodeAddr=127.0.0.1 Port={port1} CPUs=4 RealMemory=8000
-NodeName={node2} NodeHostname={host} NodeAddr=127.0.0.1 Port={port2} CPUs=4 RealMemory=8000
-PartitionName=low Nodes={host},{node2} Default=YES OverSubscribe=YES PriorityTier=1 MaxTime=INFINITE State=UP
-PartitionName=high Nodes={host},{node2} PriorityTier=2 MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=low Nodes={node_list} Default=YES OverSubscribe=YES PriorityTier=1 MaxTime=INFINITE State=UP
+PartitionName=high Nodes={node_list} PriorityTier=2 MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory=8000"
 
 
 class Slurm:
-    """slurmctld + two slurmd (nodes ``host`` and ``node2``) + munged, all ours."""
+    """slurmctld + ``nodes`` slurmd + munged, all ours. The nodes are this host and
+    ``<alias>2``, ``<alias>3``, ... (names added to /etc/hosts); ``cpus`` per node (the
+    partition oversubscribes, so more tasks than real cores may share them). The cluster tests
+    use the default 2 nodes; the scale rehearsal (benchmarks/scale_rehearsal.py) 4 x 8 under
+    its own alias, so a rehearsal and the tests can run side by side."""
 
-    def __init__(self):
+    def __init__(self, nodes: int = 2, cpus: int = 4, alias: str = "momnode"):
         apt_install({"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
                      "munged": "munge", "/usr/sbin/munged": "munge"})
         self.host = socket.gethostname().split(".")[0]
-        self.node2 = "momnode2"
+        self.node2 = f"{alias}2"
+        self.nodes = [self.host] + [f"{alias}{i}" for i in range(2, nodes + 1)]
+        self.cpus = cpus
         self.dir = tempfile.mkdtemp(prefix="mom-slurm-")
         self.conf = os.path.join(self.dir, "slurm.conf")
         self.pids: list[int] = []
         self.munge_pid = None
-        self.alias = HostAlias(self.node2)
+        self.aliases: list[HostAlias] = []
         try:
+            for n in self.nodes[1:]:
+                self.aliases.append(HostAlias(n))
             self._start()
         except BaseException:
             self.stop()
@@ -168,44 +180,49 @@ class Slurm:
         return {"SLURM_CONF": self.conf}
 
     def _start_munge(self) -> None:
-        for d in ("/run/munge", "/var/lib/munge", "/var/log/munge", "/etc/munge"):
+        """A munged of our own, on its own socket (slurm.conf's AuthInfo names it): a shared
+        /run/munge one would be stopped under us by whichever harness started it (the cluster
+        tests and the scale rehearsal run side by side)."""
+        for d in ("/etc/munge",):
             os.makedirs(d, exist_ok=True)
         key = "/etc/munge/munge.key"
         if not os.path.exists(key):
             with open(key, "wb") as f:
                 f.write(os.urandom(1024))
-        sh("chown -R munge:munge /run/munge /var/lib/munge /var/log/munge /etc/munge && chmod 755 /run/munge "
-           "&& chmod 400 /etc/munge/munge.key")
-        if sh("munge -n | unmunge", check=False).returncode == 0:
-            return  # a munged is already running (not ours: leave it alone)
-        pidfile = "/run/munge/munged.pid"
-        if os.path.exists(pidfile):
-            os.remove(pidfile)
-        sh(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"])
+        self.munge_dir = tempfile.mkdtemp(prefix="mom-munge-")  # munged refuses a socket dir it cannot own
+        sh(f"chown munge:munge /etc/munge /etc/munge/munge.key {self.munge_dir} && chmod 400 /etc/munge/munge.key "
+           f"&& chmod 755 {self.munge_dir}")
+        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
+        pidfile = os.path.join(self.munge_dir, "munged.pid")
+        sh(["su", "-s", "/bin/sh", "munge", "-c",
+            f"/usr/sbin/munged --socket={self.munge_socket} --pid-file={pidfile} "
+            f"--log-file={self.munge_dir}/munged.log --seed-file={self.munge_dir}/munged.seed"])
         self.munge_pid = _wait_pidfile(pidfile)
-        sh("munge -n | unmunge")
+        sh(f"munge -n --socket={self.munge_socket} | unmunge --socket={self.munge_socket}")
 
     def _start(self) -> None:
         self._start_munge()
         os.makedirs(os.path.join(self.dir, "state"))
-        for n in (self.host, self.node2):
+        for n in self.nodes:
             os.makedirs(os.path.join(self.dir, "spool", n))
-        ports = [_free_port() for _ in range(3)]
+        ports = [_free_port() for _ in range(len(self.nodes) + 1)]
+        node_lines = "\n".join(NODE_LINE.format(name=n, host=self.host, port=port, cpus=self.cpus)
+                               for n, port in zip(self.nodes, ports[1:]))
         with open(self.conf, "w") as f:
-            f.write(SLURM_CONF.format(host=self.host, node2=self.node2, d=self.dir, ctld_port=ports[0],
-                                      port1=ports[1], port2=ports[2]))
+            f.write(SLURM_CONF.format(host=self.host, d=self.dir, ctld_port=ports[0], node_lines=node_lines,
+                                      node_list=",".join(self.nodes), munge_socket=self.munge_socket))
         sh(["slurmctld", "-c", "-f", self.conf])
         self.pids.append(_wait_pidfile(os.path.join(self.dir, "slurmctld.pid")))
-        for n in (self.host, self.node2):
+        for n in self.nodes:
             sh(["slurmd", "-f", self.conf, "-N", n])
             self.pids.append(_wait_pidfile(os.path.join(self.dir, f"slurmd-{n}.pid")))
         env = dict(os.environ, **self.env)
+        probe = ["srun", f"-N{len(self.nodes)}", f"-n{len(self.nodes)}", "-t1", "true"]
         for _ in range(15):
-            if subprocess.run(["timeout", "30", "srun", "-N2", "-n2", "-t1", "true"], env=env,
-                              capture_output=True).returncode == 0:
+            if subprocess.run(["timeout", "30", *probe], env=env, capture_output=True).returncode == 0:
                 return
             time.sleep(2)
-        raise Unavailable("SLURM started but `srun -N2 -n2 true` never succeeded; see " + self.dir)
+        raise Unavailable(f"SLURM started but `{' '.join(probe)}` never succeeded; see " + self.dir)
 
     def run(self, cmd, timeout=60, check=True, **kw):
         return sh(cmd, timeout=timeout, check=check, env=dict(os.environ, **self.env), **kw)
@@ -241,15 +258,53 @@ class Slurm:
         env = dict(os.environ, **self.env)
         if self.pids:
             subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
+            deadline = time.time() + 30  # let the cancelled steps end while their slurmd still listens
+            while time.time() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                            text=True, timeout=30).stdout.strip():
+                time.sleep(0.5)
             time.sleep(1)
             subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=30)
             for pid in self.pids:
                 _stop_pid(pid)
             self.pids = []
+            for pid in self._our_stepds():  # a step daemon that outlived its slurmd (interrupted job)
+                _stop_pid(pid, timeout=5)
         if self.munge_pid:
             _stop_pid(self.munge_pid)
             self.munge_pid = None
-        self.alias.remove()
+        if getattr(self, "munge_dir", None):
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
+        for alias in self.aliases:
+            alias.remove()
+        self.aliases = []
+
+
+    def _our_stepds(self) -> list[int]:
+        """PIDs left by this cluster's jobs when its daemons could not end them (a lost munged):
+        slurmstepd processes working in or logging to its directory, batch scripts run from its
+        spool, and everything under those."""
+        roots, parent = set(), {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                if self.dir + "/" in cmd:
+                    roots.add(int(pid))
+                elif open(f"/proc/{pid}/comm").read().strip() == "slurmstepd" and (
+                        os.readlink(f"/proc/{pid}/cwd") == self.dir or any(
+                            os.readlink(f"/proc/{pid}/fd/{fd}").startswith(self.dir + "/")
+                            for fd in os.listdir(f"/proc/{pid}/fd"))):
+                    roots.add(int(pid))
+            except (OSError, ValueError, IndexError):
+                continue
+        found, grew = set(roots), True
+        while grew:
+            below = {p for p, pp in parent.items() if pp in found} - found
+            found |= below
+            grew = bool(below)
+        return sorted(found - {os.getpid()})
 
 
 def _free_port() -> int:

@@ -140,14 +140,21 @@ def test_slurm_trains_and_checkpoints(slurm, tmp_path, reference):
     assert os.path.isdir(tmp_path / "logs")  # LOG_DIR created by the script
 
 
-def test_slurm_signal_before_loop_requeues_and_finishes(slurm, tmp_path):
-    job, log, out = submit(slurm, tmp_path, "train.save_interval=20")
+def usr1_at_2s_requeued_once(slurm, job: str, log: str) -> str:
+    """USR1 to the batch script 2 s after the job starts running; the job must end COMPLETED after
+    exactly one requeue. Returns the job's log."""
     slurm.wait_state(job, {"RUNNING"}, 60)
     time.sleep(2)
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT)
     text = open(log).read()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-4000:]}"
+    return text
+
+
+def test_slurm_signal_before_loop_requeues_and_finishes(slurm, tmp_path):
+    job, log, out = submit(slurm, tmp_path, "train.save_interval=20")
+    text = usr1_at_2s_requeued_once(slurm, job, log)
     assert re.search(r"mom-train: preempted \(SIGUSR1\) (during [a-z -]+: no checkpoint yet|before)", text) \
         or "SIGUSR1 before the tasks started" in text, text[-4000:]
     assert "requeueing job" in text and text.count("mom-train: done: 40 steps") == 1, text[-4000:]
@@ -298,12 +305,7 @@ def test_slurm_requeue_with_a_late_scontrol_is_not_reported_failed(slurm, tmp_pa
     (fake / "scontrol").write_text(SLOW_SCONTROL.format(real=shutil.which("scontrol")))
     (fake / "scontrol").chmod(0o755)
     job, log, out = submit(slurm, tmp_path, "train.save_interval=20", PATH=f"{fake}:{os.environ['PATH']}")
-    slurm.wait_state(job, {"RUNNING"}, 60)
-    time.sleep(2)
-    slurm.run(["scancel", "--batch", "--signal=USR1", job])
-    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT)
-    text = open(log).read()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-4000:]}"
+    text = usr1_at_2s_requeued_once(slurm, job, log)
     assert "requeueing job" in text and "'scontrol requeue' failed" not in text, text[-4000:]
     assert "SIGTERM: waiting for the tasks to save" not in text, text[-4000:]  # the requeue's own TERM is quiet
     assert text.count("mom-train: done: 40 steps") == 1, text[-4000:]

@@ -14,16 +14,7 @@ import torch
 
 from tests.dist_utils import ROOT
 from tests.launch.launch_utils import BIN, clean_env, train_args
-
-
-class _Payload:
-    """Unpickling this runs ``touch <marker>`` (what an attacker's pytorch_model.bin would do)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+from tests.payloads import CreatesFile
 
 
 def planted_gpt2_dir(root, marker) -> str:
@@ -32,7 +23,7 @@ def planted_gpt2_dir(root, marker) -> str:
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump({"model_type": "gpt2", "n_embd": 32, "n_head": 2, "n_layer": 6, "vocab_size": 64,
                    "n_positions": 16}, f)
-    torch.save({"transformer.wte.weight": torch.zeros(64, 32), "extra": _Payload(marker)},
+    torch.save({"transformer.wte.weight": torch.zeros(64, 32), "extra": CreatesFile(marker)},
                os.path.join(d, "pytorch_model.bin"))
     return d
 

@@ -18,26 +18,17 @@ from mom_dist.data.index_cache import load_index_array
 from mom_dist.data.indexed import DataIntegrityError
 from mom_dist.data.loader import DataConfig, build_data_iterators, write_token_documents
 from tests.parallel.test_checkpoint_safety import errors, mom_train, snapshot
+from tests.payloads import CreatesFile
 
 V = 64
 KW = dict(vocab_size=V, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, train_samples=16,
           valid_samples=4)
 
 
-class _CreatesFile:
-    """Unpickling this calls open(path, 'w'): what a hostile file in a shared folder could do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def plant(paths, marker):
     for p in paths:
         with open(p, "wb") as f:
-            pickle.dump(_CreatesFile(str(marker)), f)
+            pickle.dump(CreatesFile(str(marker)), f)
 
 
 @pytest.fixture(scope="module")

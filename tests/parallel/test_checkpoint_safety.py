@@ -23,6 +23,7 @@ import torch
 from mom_dist.parallel.deepspeed_engine import lr_lambda
 from tests.dist_utils import ROOT, free_port, worker_env
 from tests.parallel.test_layout_invariance import BASE
+from tests.payloads import CreatesFile
 
 OVR = [o for o in BASE if not o.startswith(("train.save_interval", "train.log_interval"))] + [
     "model.attn_router.top_k=2", "model.ffn_router.top_k=2", "parallel.zero_stage=0",
@@ -181,18 +182,8 @@ def test_out_dir_not_shared_by_all_ranks_is_refused(tmp_path):
     assert not (tmp_path / "node0" / "run").exists() and not (tmp_path / "node1" / "run").exists()
 
 
-class _CreatesFile:
-    """Unpickling this calls open(path, 'w'): what a hostile checkpoint could do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def _poison(path, marker):
-    torch.save({"module": _CreatesFile(str(marker))}, path)
+    torch.save({"module": CreatesFile(str(marker))}, path)
 
 
 def test_a_pickle_that_runs_code_is_refused_everywhere(good_run, tmp_path):
